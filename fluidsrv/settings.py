@@ -1,0 +1,85 @@
+"""Server settings: defaults, overridden by ``FLUIDSRV_*`` environment variables and CLI flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EMBEDDED_WEIGHTS_DIR = REPO_ROOT / "weights"
+
+
+def default_cache_dir() -> Path:
+    """Return the user's weights cache (``$FLUIDSRV_CACHE`` or ``$XDG_CACHE_HOME/fluidsrv``)."""
+    if "FLUIDSRV_CACHE" in os.environ:
+        return Path(os.environ["FLUIDSRV_CACHE"])
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "fluidsrv"
+
+
+def default_data_dir() -> Path:
+    """Return where sessions spill to disk (``$XDG_DATA_HOME/fluidsrv``)."""
+    base = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share"))
+    return base / "fluidsrv"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server can be configured with; each field maps to ``FLUIDSRV_<NAME>``."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
+    weights_dir: Path = EMBEDDED_WEIGHTS_DIR
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    data_dir: Path = field(default_factory=default_data_dir)
+    generator: str = "embedded"  # "embedded" or a path to a rosinality / e4e / fluidsrv checkpoint
+    detector: str = "dlib"
+    encoder: str = "e4e"
+    directions: str = "sefa"
+    segmenter: str = "landmarks"
+    inpainter: str = "telea"
+    previewer: str = "generator"
+    plugin_allow: tuple[str, ...] | None = None  # entry-point plugin names allowed; None = all
+    max_upload_bytes: int = 25 * 1024 * 1024
+    max_pixels: int = 50_000_000
+    max_sessions: int = 64
+    max_ws_message_bytes: int = 64 * 1024
+    max_ws_messages_per_second: float = 120.0
+    session_memory_budget_bytes: int = 2 * 1024**3
+    session_ttl_seconds: float = 6 * 3600.0
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        """Return settings from ``FLUIDSRV_*`` variables, then ``overrides`` (CLI flags) on top."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for item in dataclasses.fields(cls):
+            raw = env.get(f"FLUIDSRV_{item.name.upper()}")
+            if raw is not None:
+                values[item.name] = _parse(item.name, str(item.type), raw)
+        values.update({key: value for key, value in overrides.items() if value is not None})
+        return cls(**values)
+
+    def resolved_device(self) -> str:
+        """Return the torch device string, resolving "auto"."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _parse(name: str, type_name: str, raw: str) -> Any:
+    if "Path" in type_name:
+        return Path(raw).expanduser()
+    if "tuple" in type_name:
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    if type_name.startswith("int"):
+        return int(raw)
+    if type_name.startswith("float"):
+        return float(raw)
+    return raw

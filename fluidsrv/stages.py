@@ -1,0 +1,173 @@
+"""The contracts between the core and the stage plugins: what each stage takes and what it returns.
+
+Conventions (see ARCHITECTURE.md): images on the geometry / IO side are uint8 RGB numpy arrays
+``[H, W, 3]``; images on the model side are float tensors ``[N, 3, H, W]`` in [-1, 1]; ``w`` is
+``[N, w_dim]`` and ``ws`` (w+) is ``[N, num_ws, w_dim]``.
+
+Long-running stage work (projection, fine-tuning, distillation) is written as a Python generator
+that yields :class:`Progress` after each step and *returns* its result: the executor drives it one
+step at a time so previews interleave and a job can be cancelled between steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from fluidsrv.models.stylegan2 import Generator as StyleGenerator
+
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One step of a long job: which stage, how far, and optionally an intermediate frame."""
+
+    stage: str
+    step: int
+    total: int
+    message: str = ""
+    frame: np.ndarray | None = None  # optional uint8 [H, W, 3] intermediate image
+
+
+StepJob = Generator[Progress, None, T]
+"""A step-wise job: yields Progress after each step, returns its result (``StopIteration.value``)."""
+
+
+@dataclass(frozen=True)
+class Face:
+    """A detected face in original-photo pixel coordinates.
+
+    ``landmarks5`` is always present, ordered as in the image (viewer's left first): left eye centre,
+    right eye centre, nose tip, left mouth corner, right mouth corner. ``landmarks68`` follows the
+    dlib / iBUG 300-W order when the detector provides it.
+    """
+
+    box: tuple[float, float, float, float]  # x0, y0, x1, y1
+    score: float
+    landmarks5: np.ndarray  # [5, 2] float64
+    landmarks68: np.ndarray | None = None  # [68, 2] float64
+
+    @property
+    def area(self) -> float:
+        """Area of the box in pixels (faces are ordered by it, largest first)."""
+        x0, y0, x1, y1 = self.box
+        return max(0.0, x1 - x0) * max(0.0, y1 - y0)
+
+
+@dataclass(frozen=True)
+class Latents:
+    """An inversion result: ``w`` [1, w_dim] and ``ws`` (w+) [1, num_ws, w_dim]."""
+
+    w: torch.Tensor
+    ws: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Direction:
+    """A named edit direction in W / W+ with the metadata a slider needs."""
+
+    name: str  # unique id within its source, e.g. "sefa:0-3:2"
+    label: str  # what a person sees on the slider
+    vector: torch.Tensor  # [1, w_dim] (all layers) or [num_ws, w_dim] (per layer)
+    layers: tuple[int, int] | None = None  # [start, stop) layers it acts on; None = every layer
+    slider_range: tuple[float, float] = (-3.0, 3.0)
+    group: str = ""  # UI group, e.g. "Attributes", "SeFa", "GANSpace"
+    provenance: str = ""  # how it was made (source, file, parameters)
+
+
+class Detector(Protocol):
+    """Finds faces in an uploaded photo."""
+
+    def detect(self, image: np.ndarray) -> list[Face]:
+        """Return the faces in a uint8 RGB image [H, W, 3], largest first."""
+        ...
+
+
+class Encoder(Protocol):
+    """Inverts an aligned face into the latent space of a generator."""
+
+    def encode(self, image: torch.Tensor, generator: StyleGenerator) -> StepJob[Latents]:
+        """Step-wise inversion of ``image`` [1, 3, R, R] in [-1, 1] (R = generator resolution)."""
+        ...
+
+
+class DirectionSource(Protocol):
+    """Produces edit directions for a generator."""
+
+    def directions(self, generator: StyleGenerator) -> list[Direction]:
+        """Return the directions this source offers for ``generator``."""
+        ...
+
+
+class Segmenter(Protocol):
+    """Parses a face image into soft part masks."""
+
+    def parse(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        """Return float32 masks [H, W] in [0, 1] for at least "face" and "hair" of a uint8 RGB image."""
+        ...
+
+
+class Inpainter(Protocol):
+    """Fills the masked region of an image."""
+
+    def inpaint(self, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Return ``image`` (uint8 RGB [H, W, 3]) with the pixels where ``mask`` (bool [H, W]) is set filled."""
+        ...
+
+
+class PreviewRenderer(Protocol):
+    """Renders fast previews of one session's edits."""
+
+    def render(self, ws: torch.Tensor) -> torch.Tensor:
+        """Render ``ws`` [1, num_ws, w_dim] to an image [1, 3, H, W] in [-1, 1]."""
+        ...
+
+
+class Previewer(Protocol):
+    """Builds a per-session preview renderer (e.g. distils a student from the fine-tuned generator)."""
+
+    def fit(self, generator: StyleGenerator, ws: torch.Tensor) -> StepJob[PreviewRenderer]:
+        """Step-wise preparation of a renderer that imitates ``generator`` around ``ws``."""
+        ...
+
+
+class Scorer(Protocol):
+    """Scores face attributes of generated images (used to find attribute directions)."""
+
+    attributes: tuple[str, ...]
+
+    def score(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Return one [N] tensor per attribute for images [N, 3, H, W] in [-1, 1]."""
+        ...
+
+
+@dataclass(frozen=True)
+class PluginContext:
+    """What a plugin factory may use to build its stage object."""
+
+    device: torch.device
+    weights_dir: Path  # the embedded models shipped in the repository's weights/
+    cache_dir: Path  # the user's weights cache (downloaded or user-provided files)
+    options: Mapping[str, Any] = field(default_factory=dict)  # free-form settings for this plugin
+
+
+def _always_available(context: PluginContext) -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class PluginFactory(Generic[T_co]):
+    """A named, described way to build one stage object; ``unavailable`` says why it cannot be built."""
+
+    name: str
+    description: str
+    create: Callable[[PluginContext], T_co]
+    unavailable: Callable[[PluginContext], str | None] = _always_available

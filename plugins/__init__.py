@@ -1,0 +1,1 @@
+"""The built-in stage plugins of fluidsrv (installed as the ``fluidsrv_plugins`` package)."""
