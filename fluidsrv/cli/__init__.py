@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-SUBCOMMAND_MODULES: tuple[str, ...] = ("fluidsrv.cli.serve",)
+SUBCOMMAND_MODULES: tuple[str, ...] = ("fluidsrv.cli.serve", "fluidsrv.cli.weights")
 """Modules that add a subcommand; each defines ``register(subparsers) -> None``."""
 
 
