@@ -1,0 +1,499 @@
+"""The single device executor: one worker thread owns the GPU (or CPU); the event loop never blocks.
+
+Every piece of model work goes through one :class:`GpuExecutor`. Async code submits work and awaits an
+``asyncio.Future``; the worker thread runs one *turn* at a time, always picking the most urgent job:
+
+- ``await run(fn, ...)`` runs a short callable once (e.g. decode + detect, a finalize render).
+- ``await run_job(job_factory, ...)`` drives a step-wise job (a :data:`fluidsrv.stages.StepJob`
+  generator): the worker runs ONE step per turn and puts the job back in the queue, so a preview
+  submitted meanwhile is rendered before the job's next step. Each yielded :class:`Progress` is
+  handed to ``on_progress`` on the event loop.
+- ``submit_preview(owner, state, render)`` renders ``render(state)``; previews of one owner coalesce:
+  while a preview of that owner still waits in the queue, a newer one replaces its state and the
+  older future resolves to :data:`SUPERSEDED` (not an error), so only the newest slider state renders.
+
+Order: lower :class:`Priority` first, then first-come first-served. A step job keeps its place in
+line between steps, so two encode jobs run one after the other (not interleaved), while previews
+and finalize jobs overtake them at every step boundary.
+
+Cancellation: ``cancel_owner(owner)`` (a client left) and cancelling the awaiting task both cancel
+the job's future; a running step job stops at its next step boundary and its generator is closed
+(its ``finally`` blocks run on the worker thread, where its tensors live).
+
+Out of memory: when a job raises ``torch.OutOfMemoryError`` (or a ``RuntimeError`` saying "out of
+memory"), the worker calls ``on_out_of_memory()`` (the session store spills idle sessions), empties
+the CUDA cache and retries once: a callable or preview is called again, a step job is rebuilt from
+its factory and restarts from its first step. A second failure fails the job with
+``ExecutorError("out of memory ...")``. No exception ever stops the worker: it fails that job only.
+
+Threading: the submit methods, ``cancel_owner`` and ``shutdown`` are called on the event loop
+thread; ``stats()`` may be called from anywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import functools
+import gc
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
+
+import torch
+
+from fluidsrv.stages import Progress, StepJob
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+S = TypeVar("S")
+
+Owner = str
+"""Who a job belongs to: a session id. ``cancel_owner`` and preview coalescing work per owner."""
+
+
+class Priority(enum.IntEnum):
+    """Job priorities; a lower value runs first: preview > finalize > encode / fine-tune."""
+
+    PREVIEW = 0
+    FINALIZE = 1
+    ENCODE = 2
+    FINETUNE = 2  # same rank as ENCODE (an alias): encode, fine-tune and distil queue first-come first-served
+
+
+class Superseded(enum.Enum):
+    """The result of a preview that a newer preview of the same owner replaced before it ran."""
+
+    PREVIEW = "superseded"
+
+
+SUPERSEDED: Final = Superseded.PREVIEW
+"""What a coalesced-away preview future resolves to (compare with ``is``)."""
+
+
+class ExecutorError(RuntimeError):
+    """The executor could not run a job: it is not running, or the device ran out of memory."""
+
+
+@dataclass(frozen=True)
+class ExecutorStats:
+    """A snapshot of the executor's counters (for /api and benchmarks)."""
+
+    queued: int  # jobs waiting in the queue (the running one not included)
+    running: bool  # whether the worker is inside a turn right now
+    jobs_completed: int  # jobs whose future received a result (previews included)
+    jobs_failed: int  # jobs whose future received an exception
+    jobs_cancelled: int  # jobs dropped because their owner left or their future was cancelled
+    steps_run: int  # steps of step jobs run
+    previews_rendered: int
+    previews_coalesced: int  # queued previews replaced by a newer one of the same owner
+    oom_recoveries: int  # times on_out_of_memory ran before a retry
+    busy_seconds: float  # wall time the worker spent running turns
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Return whether ``error`` is a device out-of-memory error (CUDA, MPS or CPU allocator)."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+
+
+class _Job:
+    """One queued piece of work; a subclass defines what one turn on the worker does."""
+
+    def __init__(self, priority: Priority, owner: Owner | None, loop: asyncio.AbstractEventLoop) -> None:
+        self.priority = priority
+        self.owner = owner
+        self.loop = loop
+        self.future: asyncio.Future[Any] = loop.create_future()
+        self.seq = 0  # first-come order, set by the executor when first queued
+        self.started = False  # the worker has taken it at least once (set under the executor lock)
+        self.cancelled = False  # stop at the next turn boundary
+
+    def turn(self, executor: GpuExecutor) -> tuple[bool, Any]:
+        """Run one turn on the worker; return (finished, result)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the job holds (a step job's generator); runs on the worker thread."""
+
+
+class _CallJob(_Job):
+    """A short callable, run once."""
+
+    def __init__(self, fn: Callable[[], Any], priority: Priority, owner: Owner | None,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(priority, owner, loop)
+        self.fn = fn
+
+    def turn(self, executor: GpuExecutor) -> tuple[bool, Any]:
+        """Call the function (with one retry after out-of-memory)."""
+        return True, executor._call_with_oom_retry(self.fn, self)
+
+
+class _PreviewJob(_Job):
+    """A preview render; its state, render function and future are replaced while it waits."""
+
+    def __init__(self, state: Any, render: Callable[[Any], Any], owner: Owner,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(Priority.PREVIEW, owner, loop)
+        self.state = state
+        self.render = render
+
+    def turn(self, executor: GpuExecutor) -> tuple[bool, Any]:
+        """Render the newest state (with one retry after out-of-memory)."""
+        state, render = self.state, self.render  # frozen: a started preview is never coalesced into
+        result = executor._call_with_oom_retry(lambda: render(state), self)
+        executor._count(previews_rendered=1)
+        return True, result
+
+
+class _StepJobRunner(_Job):
+    """A step-wise job: one generator step per turn, rebuilt from its factory once after out-of-memory."""
+
+    def __init__(self, factory: Callable[[], StepJob[Any]], on_progress: Callable[[Progress], None] | None,
+                 priority: Priority, owner: Owner | None, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(priority, owner, loop)
+        self.factory = factory
+        self.on_progress = on_progress
+        self.generator: StepJob[Any] | None = None
+        self.retried_after_oom = False
+
+    def turn(self, executor: GpuExecutor) -> tuple[bool, Any]:
+        """Run the next step; finished when the generator returns."""
+        out_of_memory = False
+        try:
+            if self.generator is None:
+                self.generator = self.factory()
+            progress = next(self.generator)
+        except StopIteration as stop:
+            self.generator = None
+            return True, stop.value
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
+            if self.retried_after_oom:
+                raise executor._out_of_memory_error(self) from error
+            out_of_memory = True
+        if out_of_memory:  # recover outside the except block so the traceback's tensors can be freed
+            self.close()
+            self.retried_after_oom = True
+            executor._recover_from_oom(self)
+            return False, None  # re-queued: the next turn rebuilds the job from its factory
+        if not isinstance(progress, Progress):
+            raise TypeError(f"a step job must yield Progress, got {type(progress).__name__}")
+        executor._count(steps_run=1)
+        if self.on_progress is not None:
+            _call_on_loop(self.loop, functools.partial(self._deliver_progress, progress))
+        return False, None
+
+    def _deliver_progress(self, progress: Progress) -> None:
+        """Hand one progress report to the callback (on the event loop)."""
+        if self.cancelled or self.future.done() or self.on_progress is None:
+            return
+        try:
+            self.on_progress(progress)
+        except Exception:
+            logger.exception("on_progress callback of a %s job failed", self.priority.name.lower())
+
+    def close(self) -> None:
+        """Close the generator, running its ``finally`` blocks."""
+        generator, self.generator = self.generator, None
+        if generator is not None:
+            try:
+                generator.close()
+            except Exception:
+                logger.exception("closing a cancelled step job raised")
+
+
+def _call_on_loop(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+    """Run ``callback`` on ``loop``: right away when already on it, else thread-safely soon."""
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:
+        callback()
+        return
+    with contextlib.suppress(RuntimeError):  # RuntimeError: the loop is closed, nobody is waiting any more
+        loop.call_soon_threadsafe(callback)
+
+
+def _set_result(future: asyncio.Future[Any], result: Any) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def _set_exception(future: asyncio.Future[Any], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
+
+
+def _cancel(future: asyncio.Future[Any]) -> None:
+    future.cancel()
+
+
+class GpuExecutor:
+    """Runs all device work on one worker thread, most urgent first; see the module docstring."""
+
+    def __init__(self, device: torch.device | str = "cpu",
+                 on_out_of_memory: Callable[[], int] | None = None) -> None:
+        self.device = torch.device(device)
+        self._on_out_of_memory = on_out_of_memory
+        self._lock = threading.Condition()
+        self._queue: list[_Job] = []  # small (about one preview per client plus a few jobs): a list and min()
+        self._pending_previews: dict[Owner, _PreviewJob] = {}  # queued, not yet started
+        self._current: _Job | None = None
+        self._next_seq = 0
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._counters = dict.fromkeys(
+            ("jobs_completed", "jobs_failed", "jobs_cancelled", "steps_run", "previews_rendered",
+             "previews_coalesced", "oom_recoveries"), 0)
+        self._busy_seconds = 0.0
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the worker thread (idempotent)."""
+        with self._lock:
+            if self._thread is not None:
+                if self._stopping:
+                    raise ExecutorError("a shut-down executor cannot be restarted")
+                return
+            self._thread = threading.Thread(target=self._work, name="fluidsrv-device", daemon=True)
+            self._thread.start()
+
+    async def shutdown(self, timeout: float = 30.0) -> None:
+        """Cancel every queued and running job, close their generators and join the worker thread."""
+        with self._lock:
+            thread, already_stopping = self._thread, self._stopping
+            self._stopping = True
+            doomed = [] if already_stopping else self._mark_cancelled_locked(lambda job: True)
+            self._lock.notify_all()
+        for job in doomed:
+            _call_on_loop(job.loop, functools.partial(_cancel, job.future))
+        if thread is not None and thread.is_alive():
+            await asyncio.get_running_loop().run_in_executor(None, thread.join, timeout)
+            if thread.is_alive():
+                logger.warning("the device worker did not stop within %.0f s (a step is still running)", timeout)
+
+    @property
+    def running(self) -> bool:
+        """Whether the worker thread is alive and accepting work."""
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    # ---- submitting work ---------------------------------------------------------------------
+
+    async def run(self, fn: Callable[[], T], *, priority: Priority, owner: Owner | None = None) -> T:
+        """Run the short callable ``fn`` on the worker and return its result (or raise its exception)."""
+        job = _CallJob(fn, priority, owner, asyncio.get_running_loop())
+        self._enqueue(job)
+        result: T = await job.future
+        return result
+
+    async def run_job(self, job_factory: Callable[[], StepJob[T]], *, priority: Priority,
+                      owner: Owner | None = None, on_progress: Callable[[Progress], None] | None = None) -> T:
+        """Drive the step job ``job_factory()`` one step per turn; return the generator's return value.
+
+        ``job_factory`` is called on the worker thread (again, once, after an out-of-memory error);
+        ``on_progress`` receives each yielded :class:`Progress` on the event loop, in order, before the
+        result arrives. Raises ``asyncio.CancelledError`` when the owner is cancelled.
+        """
+        job = _StepJobRunner(job_factory, on_progress, priority, owner, asyncio.get_running_loop())
+        self._enqueue(job)
+        result: T = await job.future
+        return result
+
+    def submit_preview(self, owner: Owner, state: S, render: Callable[[S], T]) -> asyncio.Future[T | Superseded]:
+        """Queue ``render(state)`` at preview priority, replacing ``owner``'s still-queued preview.
+
+        Returns a future of the render result, or of :data:`SUPERSEDED` when a newer preview of the
+        same owner replaced this one before it started. Call on the event loop thread.
+        """
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            self._check_running_locked()
+            pending = self._pending_previews.get(owner)
+            if pending is not None and not pending.started and not pending.cancelled and pending.loop is loop:
+                superseded = pending.future
+                pending.state, pending.render = state, render
+                pending.future = loop.create_future()
+                pending.future.add_done_callback(functools.partial(self._on_future_done, pending))
+                self._counters["previews_coalesced"] += 1
+                future: asyncio.Future[Any] = pending.future
+            else:
+                job = _PreviewJob(state, render, owner, loop)
+                self._enqueue_locked(job)
+                self._pending_previews[owner] = job
+                future = job.future
+                superseded = None
+        if superseded is not None:
+            _set_result(superseded, SUPERSEDED)
+        return future
+
+    def cancel_owner(self, owner: Owner) -> int:
+        """Cancel every queued and running job of ``owner`` (a closed client); return how many.
+
+        Their futures are cancelled now; a running step job stops at its next step boundary and its
+        generator is closed on the worker thread.
+        """
+        with self._lock:
+            doomed = self._mark_cancelled_locked(lambda job: job.owner == owner)
+            self._lock.notify_all()
+        for job in doomed:
+            _call_on_loop(job.loop, functools.partial(_cancel, job.future))
+        return len(doomed)
+
+    def stats(self) -> ExecutorStats:
+        """Return a snapshot of the queue and the counters."""
+        with self._lock:
+            return ExecutorStats(queued=len(self._queue), running=self._current is not None,
+                                 busy_seconds=self._busy_seconds, **self._counters)
+
+    # ---- queue (callers hold self._lock) -------------------------------------------------------
+
+    def _check_running_locked(self) -> None:
+        if self._thread is None or self._stopping or not self._thread.is_alive():
+            raise ExecutorError("the device executor is not running")
+
+    def _enqueue(self, job: _Job) -> None:
+        with self._lock:
+            self._check_running_locked()
+            self._enqueue_locked(job)
+
+    def _enqueue_locked(self, job: _Job) -> None:
+        job.seq = self._next_seq
+        self._next_seq += 1
+        job.future.add_done_callback(functools.partial(self._on_future_done, job))
+        self._queue.append(job)
+        self._lock.notify()
+
+    def _pop_next_locked(self) -> _Job:
+        """Take the most urgent job: cancelled ones first (to close them promptly), then priority, then age."""
+        job = min(self._queue, key=lambda j: (-1 if j.cancelled else int(j.priority), j.seq))
+        self._queue.remove(job)
+        job.started = True
+        self._forget_pending_preview_locked(job)
+        return job
+
+    def _forget_pending_preview_locked(self, job: _Job) -> None:
+        """Stop offering ``job`` for coalescing (it started or was cancelled)."""
+        owner = job.owner
+        if isinstance(job, _PreviewJob) and owner is not None and self._pending_previews.get(owner) is job:
+            del self._pending_previews[owner]
+
+    def _mark_cancelled_locked(self, select: Callable[[_Job], bool]) -> list[_Job]:
+        """Flag the selected jobs cancelled; drop the never-started ones from the queue; return them all."""
+        candidates = [*self._queue, *([self._current] if self._current is not None else [])]
+        doomed = [job for job in candidates if not job.cancelled and select(job)]
+        for job in doomed:
+            job.cancelled = True
+            self._counters["jobs_cancelled"] += 1
+            if not job.started:
+                self._queue.remove(job)
+            self._forget_pending_preview_locked(job)
+        return doomed
+
+    def _on_future_done(self, job: _Job, future: asyncio.Future[Any]) -> None:
+        """When an awaiting task is cancelled its future is too: stop the job (on the loop thread)."""
+        if future.cancelled() and future is job.future:
+            with self._lock:
+                self._mark_cancelled_locked(lambda candidate: candidate is job)
+
+    def _count(self, **increments: int) -> None:
+        with self._lock:
+            for name, value in increments.items():
+                self._counters[name] += value
+
+    # ---- the worker ----------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        """The worker thread: take the most urgent job, run one turn, re-queue it if unfinished."""
+        if self.device.type == "cuda" and self.device.index is not None:
+            try:
+                torch.cuda.set_device(self.device)
+            except Exception:  # jobs will fail one by one with the real error; the worker stays up
+                logger.exception("could not select %s on the device worker", self.device)
+        while True:
+            with self._lock:
+                while not self._queue and not self._stopping:
+                    self._lock.wait()
+                if not self._queue:
+                    return  # stopping, and every cancelled job has been closed
+                job = self._pop_next_locked()
+                self._current = job
+            finished = self._run_turn(job)
+            with self._lock:
+                self._current = None
+                if not finished:  # keeps its seq (its place in line); if cancelled meanwhile, it is taken
+                    self._queue.append(job)  # first next time and closed
+
+    def _run_turn(self, job: _Job) -> bool:
+        """Run one turn of ``job`` and resolve its future when it ends; never raises."""
+        if job.cancelled:
+            job.close()
+            _call_on_loop(job.loop, functools.partial(_cancel, job.future))
+            return True
+        began = time.perf_counter()
+        try:
+            finished, result = job.turn(self)
+        except BaseException as error:
+            job.close()
+            if not isinstance(error, Exception) or isinstance(error, StopIteration):
+                wrapped = ExecutorError(f"a {job.priority.name.lower()} job raised {type(error).__name__}: {error}")
+                wrapped.__cause__ = error
+                error = wrapped
+            logger.debug("a %s job failed", job.priority.name.lower(), exc_info=error)
+            self._count(jobs_failed=1)
+            _call_on_loop(job.loop, functools.partial(_set_exception, job.future, error))
+            return True
+        finally:
+            with self._lock:
+                self._busy_seconds += time.perf_counter() - began
+        if finished:
+            self._count(jobs_completed=1)
+            _call_on_loop(job.loop, functools.partial(_set_result, job.future, result))
+        return finished
+
+    # ---- out of memory (worker thread) -------------------------------------------------------
+
+    def _call_with_oom_retry(self, fn: Callable[[], T], job: _Job) -> T:
+        """Call ``fn``; after an out-of-memory error free memory and call it once more."""
+        try:
+            return fn()
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
+        self._recover_from_oom(job)  # outside the except block: the failed call's frames are gone
+        try:
+            return fn()
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
+            raise self._out_of_memory_error(job) from error
+
+    def _recover_from_oom(self, job: _Job) -> None:
+        """Ask the session store to spill idle sessions, collect garbage and empty the CUDA cache."""
+        freed = 0
+        if self._on_out_of_memory is not None:
+            try:
+                freed = self._on_out_of_memory()
+            except Exception:
+                logger.exception("the on_out_of_memory hook failed")
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self._count(oom_recoveries=1)
+        logger.warning("out of memory on %s in a %s job of %s: freed %d bytes of idle sessions, retrying once",
+                       self.device, job.priority.name.lower(), job.owner, freed)
+
+    def _out_of_memory_error(self, job: _Job) -> ExecutorError:
+        return ExecutorError(
+            f"out of memory on {self.device} while running a {job.priority.name.lower()} job, even after "
+            "evicting idle sessions and retrying once; try again later or with a smaller image")
