@@ -1,0 +1,661 @@
+"""FFHQ face alignment and its exact inverse: the crop quad, inner/outer crops, paste-back.
+
+Coordinates follow OpenCV's pixel-centre convention: the pixel in column ``i``, row ``j`` has its
+centre at ``(x, y) = (i, j)``, so an image ``W`` pixels wide spans ``x`` in ``[-0.5, W - 0.5]``.
+Landmarks from dlib (integer pixel indices) are already in this convention. A crop ``S`` pixels wide
+spans ``[-0.5, S - 0.5]²``, and its quad's corners (top-left, bottom-left, bottom-right, top-right)
+are the crop's outer corners: exactly what the NVlabs ffhq-dataset script does when it hands
+``quad + 0.5`` to PIL's QUAD transform.
+
+Transforms are 3×3 matrices acting on homogeneous column vectors ``(x, y, 1)``. Every crop is made
+by one resampling of the original photo (low-passed first when it shrinks), and pasting back uses the
+exact inverse matrix, touching only the pixels inside the pasted region's bounding box.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, Literal
+
+import cv2
+import numpy as np
+
+if TYPE_CHECKING:
+    from fluidsrv.stages import Face
+
+CropName = Literal["inner", "outer"]
+
+DEFAULT_OUTER_FACTOR = 1.5  # outer crop side / inner crop side (same centre, same pixel scale)
+DEFAULT_FEATHER = 0.05  # paste-back feather width as a fraction of the crop side
+
+# Constants of the NVlabs ffhq-dataset recipe (all relative to the inner quad's side, "qsize").
+_EYE_TO_EYE_SCALE = 2.0
+_EYE_TO_MOUTH_SCALE = 1.8
+_CENTRE_TOWARD_MOUTH = 0.1
+_BORDER_FRACTION = 0.1
+_MIN_PAD_FRACTION = 0.3
+_BLUR_FRACTION = 0.02
+_PAD_TRIGGER_SLACK = 4  # pixels: FFHQ pads once the quad comes this close to an image edge
+_MIN_BLUR_SIGMA = 0.3  # below this a Gaussian blur is a no-op at 8-bit precision
+
+_SERIAL_FORMAT = "fluidsrv.alignment/1"
+
+
+# ---------------------------------------------------------------------------------------------
+# The FFHQ quad
+
+
+def ffhq_quad(landmarks: np.ndarray) -> np.ndarray:
+    """Return the FFHQ crop quad [4, 2] (top-left, bottom-left, bottom-right, top-right).
+
+    ``landmarks`` is [68, 2] in dlib / iBUG order (eyes are the means of points 36-41 and 42-47,
+    mouth corners are points 48 and 54) or [5, 2] in ``Face.landmarks5`` order (left eye, right eye,
+    nose, left mouth corner, right mouth corner). This is the NVlabs recipe with ``rotate_level=True``.
+    """
+    points = np.asarray(landmarks, dtype=np.float64)
+    if points.shape == (68, 2):
+        eye_left = points[36:42].mean(axis=0)
+        eye_right = points[42:48].mean(axis=0)
+        mouth_left, mouth_right = points[48], points[54]
+    elif points.shape == (5, 2):
+        eye_left, eye_right, mouth_left, mouth_right = points[0], points[1], points[3], points[4]
+    else:
+        raise ValueError(f"landmarks must be [68, 2] or [5, 2], got {points.shape}")
+    if not np.all(np.isfinite(points)):
+        raise ValueError("landmarks contain NaN or infinity")
+
+    eye_centre = (eye_left + eye_right) * 0.5
+    eye_to_eye = eye_right - eye_left
+    mouth_centre = (mouth_left + mouth_right) * 0.5
+    eye_to_mouth = mouth_centre - eye_centre
+
+    # Half of the top edge: along the eye line, levelled by the perpendicular of the eye->mouth axis.
+    half_x = eye_to_eye - _perpendicular(eye_to_mouth)
+    length = np.hypot(half_x[0], half_x[1])
+    if not length > 0:
+        raise ValueError("degenerate landmarks: eyes and mouth give no orientation")
+    half_x = half_x / length
+    half_x = half_x * max(
+        np.hypot(eye_to_eye[0], eye_to_eye[1]) * _EYE_TO_EYE_SCALE,
+        np.hypot(eye_to_mouth[0], eye_to_mouth[1]) * _EYE_TO_MOUTH_SCALE,
+    )
+    half_y = _perpendicular(half_x)
+    centre = eye_centre + eye_to_mouth * _CENTRE_TOWARD_MOUTH
+    return np.stack(
+        [centre - half_x - half_y, centre - half_x + half_y, centre + half_x + half_y, centre + half_x - half_y]
+    )
+
+
+def face_landmarks(face: Face) -> np.ndarray:
+    """Return the landmarks to align ``face`` with: the 68 points when present, else the 5 points."""
+    return face.landmarks68 if face.landmarks68 is not None else face.landmarks5
+
+
+def _perpendicular(vector: np.ndarray) -> np.ndarray:
+    """Rotate a 2-vector by +90° in image coordinates: (x, y) -> (-y, x)."""
+    return np.array([-vector[1], vector[0]])
+
+
+# ---------------------------------------------------------------------------------------------
+# Transforms
+
+
+def map_points(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Apply a 3×3 projective ``matrix`` to ``points`` [..., 2] and return [..., 2] float64."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    assert matrix.shape == (3, 3), matrix.shape
+    xy = np.asarray(points, dtype=np.float64)
+    assert xy.shape[-1] == 2, xy.shape
+    mapped = xy @ matrix[:2, :2].T + matrix[:2, 2]  # [..., 2]
+    denominator = xy @ matrix[2, :2] + matrix[2, 2]  # [...]
+    return mapped / denominator[..., None]
+
+
+def crop_corners(size: int) -> np.ndarray:
+    """Return the outer corners [4, 2] of a ``size``-pixel crop, in quad order (TL, BL, BR, TR)."""
+    return _box_corners(size, size)
+
+
+def _box_corners(width: int, height: int) -> np.ndarray:
+    """The outer corners [4, 2] (TL, BL, BR, TR) of an image ``width`` × ``height`` pixels."""
+    right, bottom = width - 0.5, height - 0.5
+    return np.array([[-0.5, -0.5], [-0.5, bottom], [right, bottom], [right, -0.5]], dtype=np.float64)
+
+
+@dataclass(frozen=True, eq=False)
+class CropTransform:
+    """A square crop of the original photo: the quad it covers and the exact maps between the two."""
+
+    quad: np.ndarray  # [4, 2] float64 photo coordinates of the crop's corners: TL, BL, BR, TR
+    size: int  # the crop's side in pixels
+
+    def __post_init__(self) -> None:
+        quad = np.array(self.quad, dtype=np.float64)  # a private copy
+        if quad.shape != (4, 2) or not np.all(np.isfinite(quad)):
+            raise ValueError(f"quad must be a finite [4, 2] array, got shape {quad.shape}")
+        if int(self.size) != self.size or self.size < 1:
+            raise ValueError(f"crop size must be a positive integer, got {self.size}")
+        quad.setflags(write=False)
+        object.__setattr__(self, "quad", quad)
+        object.__setattr__(self, "size", int(self.size))
+        if abs(np.linalg.det(self.from_crop)) < 1e-12:
+            raise ValueError("degenerate quad (zero area)")
+
+    @cached_property
+    def from_crop(self) -> np.ndarray:
+        """The 3×3 map from crop pixel coordinates to photo pixel coordinates."""
+        matrix = _quad_map(crop_corners(self.size), self.quad)
+        matrix.setflags(write=False)
+        return matrix
+
+    @cached_property
+    def to_crop(self) -> np.ndarray:
+        """The 3×3 map from photo pixel coordinates to crop pixel coordinates (inverse of ``from_crop``)."""
+        matrix = np.linalg.inv(self.from_crop)
+        matrix = matrix / matrix[2, 2]
+        matrix.setflags(write=False)
+        return matrix
+
+    @property
+    def is_affine(self) -> bool:
+        """Whether the quad is a parallelogram (the FFHQ quad is always a square)."""
+        return _is_affine(self.from_crop)
+
+    @property
+    def side(self) -> float:
+        """The mean length of the quad's edges, in photo pixels (FFHQ's "qsize" for the inner quad)."""
+        edges = self.quad - np.roll(self.quad, 1, axis=0)  # [4, 2]
+        return float(np.hypot(edges[:, 0], edges[:, 1]).mean())
+
+    @property
+    def scale(self) -> float:
+        """Crop pixels per photo pixel (> 1 when the crop enlarges the face)."""
+        return self.size / self.side
+
+    @property
+    def centre(self) -> np.ndarray:
+        """The photo coordinates [2] of the crop's centre."""
+        return map_points(self.from_crop, np.full(2, (self.size - 1) / 2.0))
+
+    def to_crop_points(self, points: np.ndarray) -> np.ndarray:
+        """Map photo coordinates [..., 2] into this crop."""
+        return map_points(self.to_crop, points)
+
+    def to_photo_points(self, points: np.ndarray) -> np.ndarray:
+        """Map crop coordinates [..., 2] back into the photo."""
+        return map_points(self.from_crop, points)
+
+    def expanded_to(self, size: int) -> CropTransform:
+        """The crop with the same centre and pixel scale, ``size`` pixels wide (``size - self.size`` even)."""
+        if (size - self.size) % 2:
+            raise ValueError("the size difference must be even so the pixel grids coincide")
+        margin = (size - self.size) / 2.0
+        corners = crop_corners(self.size) + np.array(
+            [[-margin, -margin], [-margin, margin], [margin, margin], [margin, -margin]]
+        )
+        return CropTransform(map_points(self.from_crop, corners), size)
+
+    def resized(self, size: int) -> CropTransform:
+        """The same quad sampled with ``size`` pixels (e.g. a generator output at another resolution)."""
+        return CropTransform(self.quad, size)
+
+
+def outer_crop_size(size: int, factor: float = DEFAULT_OUTER_FACTOR) -> int:
+    """The outer crop's side for an inner side ``size``: ``size * factor`` rounded to keep grids aligned."""
+    if factor < 1.0:
+        raise ValueError(f"outer factor must be >= 1, got {factor}")
+    return size + 2 * round(size * (factor - 1.0) / 2.0)
+
+
+def _quad_map(source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Return the 3×3 matrix mapping the 4 ``source`` points onto the 4 ``target`` points.
+
+    Parallelograms give an exact affine matrix; other quads a projective one (normalised DLT).
+    """
+    if np.allclose(target[0] + target[2], target[1] + target[3], rtol=0.0, atol=1e-9 * (1.0 + np.abs(target).max())):
+        # Source corners are axis-aligned: (TL, BL, BR, TR). One crop pixel steps along the edges.
+        width = source[3, 0] - source[0, 0]
+        height = source[1, 1] - source[0, 1]
+        step_x = (target[3] - target[0]) / width
+        step_y = (target[1] - target[0]) / height
+        origin = target[0] - source[0, 0] * step_x - source[0, 1] * step_y
+        return np.array([[step_x[0], step_y[0], origin[0]], [step_x[1], step_y[1], origin[1]], [0.0, 0.0, 1.0]])
+    source_norm, source_matrix = _normalising_similarity(source)
+    target_norm, target_matrix = _normalising_similarity(target)
+    rows = []
+    rhs = []
+    for (u, v), (x, y) in zip(source_norm, target_norm):
+        rows.append([u, v, 1.0, 0.0, 0.0, 0.0, -u * x, -v * x])
+        rows.append([0.0, 0.0, 0.0, u, v, 1.0, -u * y, -v * y])
+        rhs.extend([x, y])
+    solution = np.linalg.solve(np.array(rows), np.array(rhs))
+    normalised = np.append(solution, 1.0).reshape(3, 3)
+    matrix = np.linalg.inv(target_matrix) @ normalised @ source_matrix
+    return matrix / matrix[2, 2]
+
+
+def _normalising_similarity(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Centre ``points`` [N, 2] and scale them to unit mean radius; return them and the 3×3 matrix used."""
+    centre = points.mean(axis=0)
+    radius = np.hypot(*(points - centre).T).mean()
+    scale = 1.0 / radius if radius > 0 else 1.0
+    matrix = np.array([[scale, 0.0, -scale * centre[0]], [0.0, scale, -scale * centre[1]], [0.0, 0.0, 1.0]])
+    return map_points(matrix, points), matrix
+
+
+def _is_affine(matrix: np.ndarray) -> bool:
+    return bool(abs(matrix[2, 0]) < 1e-12 and abs(matrix[2, 1]) < 1e-12 and matrix[2, 2] == 1.0)
+
+
+def _translation(dx: float, dy: float) -> np.ndarray:
+    return np.array([[1.0, 0.0, dx], [0.0, 1.0, dy], [0.0, 0.0, 1.0]])
+
+
+# ---------------------------------------------------------------------------------------------
+# Resampling
+
+
+def _resample(
+    source: np.ndarray,
+    target_to_source: np.ndarray,
+    width: int,
+    height: int,
+    *,
+    source_per_target: float,
+    border_mode: int,
+    smooth: bool = True,
+) -> np.ndarray:
+    """Sample ``source`` at ``target_to_source`` of each target pixel centre, in one resampling.
+
+    A bicubic sample (``smooth``) or a bilinear one; when the warp shrinks (a target pixel covers
+    ``source_per_target`` > 1 source pixels) the source is first low-passed with a Gaussian of sigma
+    ``(source_per_target - 1) / 2`` (scikit-image's anti-aliasing rule), which is a filter, not a
+    second resampling. Only the window of ``source`` the samples (and their reflections) reach is used.
+    """
+    sigma = max(0.0, (source_per_target - 1.0) / 2.0)
+    support = 4.0 + 3.0 * sigma  # interpolation taps and the low-pass kernel beyond a sample position
+    (x0, y0), window = _source_window(source, target_to_source, width, height, border_mode, support)
+    if sigma >= _MIN_BLUR_SIGMA:
+        window = cv2.GaussianBlur(window, (0, 0), sigma, borderType=border_mode)
+    matrix = _translation(-x0, -y0) @ target_to_source  # target -> window
+    return _warp(window, matrix, width, height, cv2.INTER_CUBIC if smooth else cv2.INTER_LINEAR, border_mode)
+
+
+def _warp(
+    source: np.ndarray, target_to_source: np.ndarray, width: int, height: int, interpolation: int, border: int
+) -> np.ndarray:
+    flags = interpolation | cv2.WARP_INVERSE_MAP
+    if _is_affine(target_to_source):
+        return cv2.warpAffine(source, target_to_source[:2], (width, height), flags=flags, borderMode=border)
+    return cv2.warpPerspective(source, target_to_source, (width, height), flags=flags, borderMode=border)
+
+
+def _source_window(
+    source: np.ndarray, target_to_source: np.ndarray, width: int, height: int, border_mode: int, support: float
+) -> tuple[tuple[int, int], np.ndarray]:
+    """Return the (x, y) origin in ``source`` and the view of the window every sample of the warp reads.
+
+    With reflect borders the window also covers the mirrored positions, and it always ends on the
+    source's own edge on a side the samples leave, so OpenCV reflects about the photo's true edge.
+    """
+    source_height, source_width = source.shape[:2]
+    corners = map_points(target_to_source, _box_corners(width, height))  # [4, 2]
+    low = corners.min(axis=0) - support  # [2] (x, y)
+    high = corners.max(axis=0) + support  # [2]
+    limits = np.array([source_width - 1, source_height - 1], dtype=np.float64)
+    if border_mode in (cv2.BORDER_REFLECT_101, cv2.BORDER_REFLECT):
+        low, high = np.minimum(low, 2.0 * limits - high), np.maximum(high, -low)
+    start = np.clip(np.floor(low), 0, limits).astype(int)
+    stop = np.clip(np.ceil(high), 0, limits).astype(int) + 1
+    stop = np.maximum(stop, start + 1)
+    window = source[start[1] : stop[1], start[0] : stop[0]]
+    return (int(start[0]), int(start[1])), window
+
+
+# ---------------------------------------------------------------------------------------------
+# Aligned crops
+
+
+@dataclass(frozen=True)
+class _Fade:
+    """The FFHQ treatment of a crop that leaves the photo: reflect, blur toward the edge, fade to median."""
+
+    pads: tuple[float | None, float | None, float | None, float | None]  # left, top, right, bottom (photo px)
+    blur_sigma: float  # photo px
+
+
+def _ffhq_fade(quad: np.ndarray, photo_shape: tuple[int, int], qsize: float) -> _Fade | None:
+    """Return the fade the FFHQ recipe applies for ``quad`` in a photo of ``photo_shape``, or None."""
+    height, width = photo_shape
+    border = max(int(np.rint(qsize * _BORDER_FRACTION)), 3)
+    min_pad = max(int(np.rint(qsize * _MIN_PAD_FRACTION)), 1)
+    x_min, y_min = np.floor(quad.min(axis=0))
+    x_max, y_max = np.ceil(quad.max(axis=0))
+    needed = (border - x_min, border - y_min, x_max - width + border, y_max - height + border)
+    if max(needed) <= border - _PAD_TRIGGER_SLACK:
+        return None
+    left, top, right, bottom = (float(max(need, min_pad)) if need > 0 else None for need in needed)
+    return _Fade(pads=(left, top, right, bottom), blur_sigma=qsize * _BLUR_FRACTION)
+
+
+def _apply_fade(
+    image: np.ndarray, grid_to_photo: np.ndarray, photo_shape: tuple[int, int], fade: _Fade, sigma: float
+) -> np.ndarray:
+    """Blur and fade to the median the pixels of ``image`` whose photo position is beyond a padded edge."""
+    height, width = photo_shape
+    x, y = _photo_coordinates_of_grid(grid_to_photo, image.shape[0], image.shape[1])  # [rows, cols] each
+    left, top, right, bottom = fade.pads
+    distance = np.full(x.shape, -np.inf, dtype=np.float32)  # beyond-edge depth / pad width; negative inside
+    if left is not None:
+        distance = np.maximum(distance, -x / left)
+    if top is not None:
+        distance = np.maximum(distance, -y / top)
+    if right is not None:
+        distance = np.maximum(distance, (x - (width - 1)) / right)
+    if bottom is not None:
+        distance = np.maximum(distance, (y - (height - 1)) / bottom)
+    if sigma >= _MIN_BLUR_SIGMA:
+        blurred = _wide_gaussian_blur(image, sigma)
+        blur_weight = np.clip(distance * 3.0 + 1.0, 0.0, 1.0)  # reaches 1/3 of a pad into the photo
+        image = cv2.blendLinear(image, blurred, 1.0 - blur_weight, blur_weight)
+    flat = np.empty_like(image)
+    flat[:] = _channel_medians(image[::2, ::2])  # FFHQ fades to the median colour of the blurred image
+    fade_weight = np.clip(distance, 0.0, 1.0)
+    return cv2.blendLinear(image, flat, 1.0 - fade_weight, fade_weight)
+
+
+def _channel_medians(image: np.ndarray) -> np.ndarray:
+    """Return the per-channel median [C] uint8 of a uint8 image [H, W, C] (by histogram)."""
+    channels = image.reshape(-1, image.shape[-1])  # [H * W, C]
+    medians = []
+    for channel in channels.T:
+        cumulative = np.cumsum(np.bincount(channel, minlength=256))
+        medians.append(int(np.searchsorted(cumulative, (cumulative[-1] + 1) // 2)))
+    return np.array(medians, dtype=np.uint8)
+
+
+def _photo_coordinates_of_grid(grid_to_photo: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return the photo x and y [rows, cols] float32 of every pixel centre of a grid."""
+    if _is_affine(grid_to_photo):
+        m = grid_to_photo.astype(np.float32)
+        u = np.arange(cols, dtype=np.float32)[None, :]  # [1, cols]
+        v = np.arange(rows, dtype=np.float32)[:, None]  # [rows, 1]
+        return m[0, 0] * u + m[0, 1] * v + m[0, 2], m[1, 0] * u + m[1, 1] * v + m[1, 2]
+    grid = np.stack(np.meshgrid(np.arange(cols, dtype=np.float64), np.arange(rows, dtype=np.float64)), axis=-1)
+    photo_xy = map_points(grid_to_photo, grid).astype(np.float32)  # [rows, cols, 2]
+    return photo_xy[..., 0], photo_xy[..., 1]
+
+
+def _wide_gaussian_blur(pixels: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur of ``pixels`` [H, W, C]; wide kernels run on an area-downscaled copy."""
+    factor = max(1, int(sigma // 4))
+    if factor == 1:
+        return cv2.GaussianBlur(pixels, (0, 0), sigma, borderType=cv2.BORDER_REFLECT_101)
+    rows, cols = pixels.shape[:2]
+    small = cv2.resize(pixels, (-(-cols // factor), -(-rows // factor)), interpolation=cv2.INTER_AREA)
+    # The box downscale and the linear upscale add about factor²/4 of variance (in full-size pixels²).
+    small_sigma = math.sqrt(max(sigma * sigma - factor * factor / 4.0, sigma * sigma / 2.0)) / factor
+    small = cv2.GaussianBlur(small, (0, 0), small_sigma, borderType=cv2.BORDER_REFLECT_101)
+    return cv2.resize(small, (cols, rows), interpolation=cv2.INTER_LINEAR)
+
+
+def warp_crop(photo: np.ndarray, transform: CropTransform, *, qsize: float | None = None) -> np.ndarray:
+    """Resample ``transform``'s crop [S, S, 3] from ``photo`` (uint8 RGB [H, W, 3]) in one warp.
+
+    Where the quad leaves the photo, the photo is reflected about its edge, blurred toward the edge
+    and faded to the median colour, as in the FFHQ recipe; ``qsize`` (default: the quad's side) sets
+    that recipe's scale and should be the inner quad's side for every crop of one face.
+    """
+    _check_image(photo, "photo")
+    qsize = transform.side if qsize is None else qsize
+    photo_shape = (photo.shape[0], photo.shape[1])
+    fade = _ffhq_fade(transform.quad, photo_shape, qsize)
+    sigma = 0.0 if fade is None else fade.blur_sigma * transform.scale  # crop px
+    margin = 0 if fade is None else math.ceil(4.0 * sigma)  # blur needs context beyond the crop's edge
+    grid = transform.size + 2 * margin
+    grid_to_photo = transform.from_crop @ _translation(-margin, -margin)
+    image = _resample(
+        photo, grid_to_photo, grid, grid, source_per_target=1.0 / transform.scale, border_mode=cv2.BORDER_REFLECT_101
+    )
+    if fade is not None:
+        image = _apply_fade(image, grid_to_photo, photo_shape, fade, sigma)
+        image = image[margin : margin + transform.size, margin : margin + transform.size]
+    return np.ascontiguousarray(image)
+
+
+@dataclass(frozen=True, eq=False)
+class Alignment:
+    """One face aligned FFHQ-style: the inner and outer crops and their exact maps to the photo.
+
+    The inner crop is the generator-resolution FFHQ crop; the outer crop has the same centre and
+    pixel scale and is ``outer.size`` pixels wide, so ``outer_image[m:m + S, m:m + S]`` with
+    ``m = inner_offset`` covers the same photo area as ``inner_image``.
+    """
+
+    photo_shape: tuple[int, int]  # (H, W) of the photo the crops were taken from
+    inner: CropTransform
+    outer: CropTransform
+    inner_image: np.ndarray  # [S, S, 3] uint8
+    outer_image: np.ndarray  # [So, So, 3] uint8
+
+    def __post_init__(self) -> None:
+        for name, transform, image in (
+            ("inner", self.inner, self.inner_image),
+            ("outer", self.outer, self.outer_image),
+        ):
+            if image.shape != (transform.size, transform.size, 3) or image.dtype != np.uint8:
+                raise ValueError(
+                    f"{name}_image must be uint8 [{transform.size}, {transform.size}, 3], got {image.shape}"
+                )
+
+    @property
+    def inner_offset(self) -> int:
+        """Pixels from the outer crop's edge to the inner crop's edge."""
+        return (self.outer.size - self.inner.size) // 2
+
+    def transform(self, crop: CropName = "inner") -> CropTransform:
+        """The transform of the ``crop`` ("inner" or "outer")."""
+        return {"inner": self.inner, "outer": self.outer}[crop]
+
+    def image(self, crop: CropName = "inner") -> np.ndarray:
+        """The pixels of the ``crop`` ("inner" or "outer")."""
+        return {"inner": self.inner_image, "outer": self.outer_image}[crop]
+
+    def to_crop_points(self, points: np.ndarray, crop: CropName = "inner") -> np.ndarray:
+        """Map photo coordinates [..., 2] into the ``crop``."""
+        return self.transform(crop).to_crop_points(points)
+
+    def to_photo_points(self, points: np.ndarray, crop: CropName = "inner") -> np.ndarray:
+        """Map ``crop`` coordinates [..., 2] back into the photo."""
+        return self.transform(crop).to_photo_points(points)
+
+    def paste_back(
+        self,
+        photo: np.ndarray,
+        edited: np.ndarray,
+        crop: CropName = "inner",
+        *,
+        mask: np.ndarray | None = None,
+        feather: float = DEFAULT_FEATHER,
+    ) -> np.ndarray:
+        """Return ``photo`` with the edited ``crop`` blended back in (see :func:`paste_back`)."""
+        if photo.shape[:2] != self.photo_shape:
+            raise ValueError(f"photo is {photo.shape[:2]}, the alignment was made on {self.photo_shape}")
+        return paste_back(photo, edited, self.transform(crop), mask=mask, feather=feather)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a plain dict of numpy arrays and JSON values (for spilling a session to disk)."""
+        return {
+            "format": _SERIAL_FORMAT,
+            "photo_shape": [int(self.photo_shape[0]), int(self.photo_shape[1])],
+            "inner_quad": np.array(self.inner.quad),
+            "inner_size": self.inner.size,
+            "outer_quad": np.array(self.outer.quad),
+            "outer_size": self.outer.size,
+            "inner_image": self.inner_image,
+            "outer_image": self.outer_image,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Alignment:
+        """Rebuild an alignment from :meth:`to_dict` output (quads may be nested lists)."""
+        if data.get("format") != _SERIAL_FORMAT:
+            raise ValueError(f"not a serialized alignment (format {data.get('format')!r})")
+        height, width = (int(value) for value in data["photo_shape"])
+        return cls(
+            photo_shape=(height, width),
+            inner=CropTransform(np.asarray(data["inner_quad"], dtype=np.float64), int(data["inner_size"])),
+            outer=CropTransform(np.asarray(data["outer_quad"], dtype=np.float64), int(data["outer_size"])),
+            inner_image=np.asarray(data["inner_image"]),
+            outer_image=np.asarray(data["outer_image"]),
+        )
+
+
+def align_face(
+    photo: np.ndarray, landmarks: np.ndarray, *, size: int = 1024, outer_factor: float = DEFAULT_OUTER_FACTOR
+) -> Alignment:
+    """Align one face of ``photo`` (uint8 RGB [H, W, 3]) from its 68 or 5 ``landmarks`` [N, 2].
+
+    The inner crop is ``size`` pixels (the generator's resolution); the outer crop shares its centre
+    and pixel scale and is ``outer_crop_size(size, outer_factor)`` pixels (1536 for 1024).
+    """
+    _check_image(photo, "photo")
+    inner = CropTransform(ffhq_quad(landmarks), size)
+    outer = inner.expanded_to(outer_crop_size(size, outer_factor))
+    qsize = inner.side
+    return Alignment(
+        photo_shape=(photo.shape[0], photo.shape[1]),
+        inner=inner,
+        outer=outer,
+        inner_image=warp_crop(photo, inner, qsize=qsize),
+        outer_image=warp_crop(photo, outer, qsize=qsize),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Paste back
+
+
+def blend_mask(size: int, *, feather: float = DEFAULT_FEATHER, mask: np.ndarray | None = None) -> np.ndarray:
+    """Return the paste-back weight [size, size] float32 in [0, 1], in crop coordinates.
+
+    It ramps smoothly from 0 on the crop's outermost pixels to 1 over ``feather * size`` pixels. A caller
+    ``mask`` (bool, uint8 0-255 or float 0-1, any square size: it is resized to ``size``) is softened
+    by a Gaussian of sigma ``feather * size / 4`` and multiplied in.
+    """
+    feather_px = feather * size
+    indices = np.arange(size, dtype=np.float64)
+    from_rim = np.minimum(indices, size - 1 - indices)  # [size] pixels from the outermost row / column
+    if feather_px > 0:
+        ramp = np.clip(from_rim / feather_px, 0.0, 1.0)  # 0 on the rim, so nothing reaches past the quad
+        ramp = ramp * ramp * (3.0 - 2.0 * ramp)  # smoothstep
+    else:
+        ramp = np.ones(size)
+    weight = np.minimum.outer(ramp, ramp).astype(np.float32)  # [size, size]
+    if mask is not None:
+        weight *= _soft_mask(mask, size, sigma=feather_px / 4.0)
+    return weight
+
+
+def _soft_mask(mask: np.ndarray, size: int, sigma: float) -> np.ndarray:
+    values = np.asarray(mask)
+    if values.ndim != 2 or values.shape[0] != values.shape[1]:
+        raise ValueError(f"mask must be square [N, N], got {values.shape}")
+    soft: np.ndarray
+    if values.dtype == np.bool_:
+        soft = values.astype(np.float32)
+    elif values.dtype == np.uint8:
+        soft = values.astype(np.float32) / 255.0
+    else:
+        soft = np.clip(values.astype(np.float32), 0.0, 1.0)
+    if soft.shape[0] != size:
+        soft = cv2.resize(soft, (size, size), interpolation=cv2.INTER_LINEAR)
+    if sigma >= _MIN_BLUR_SIGMA:
+        soft = cv2.GaussianBlur(soft, (0, 0), sigma, borderType=cv2.BORDER_CONSTANT)
+    return np.clip(soft, 0.0, 1.0)
+
+
+def paste_back(
+    photo: np.ndarray,
+    crop: np.ndarray,
+    transform: CropTransform,
+    *,
+    mask: np.ndarray | None = None,
+    feather: float = DEFAULT_FEATHER,
+) -> np.ndarray:
+    """Return a copy of ``photo`` with ``crop`` warped back through ``transform`` and blended in.
+
+    ``crop`` is uint8 RGB [N, N, 3]; N may differ from ``transform.size`` (the same quad is then
+    sampled at N pixels). The weight is :func:`blend_mask` mapped with the exact inverse transform;
+    every photo pixel where it is zero (all of the photo outside the pasted region) is returned
+    byte-identical, and only the region's bounding box is ever resampled.
+    """
+    _check_image(photo, "photo")
+    _check_image(crop, "crop")
+    size = crop.shape[0]
+    if crop.shape[1] != size:
+        raise ValueError(f"crop must be square, got {crop.shape}")
+    if size != transform.size:
+        transform = transform.resized(size)
+    weight = blend_mask(size, feather=feather, mask=mask)  # [N, N]
+    box = _photo_box_of_support(weight, transform, photo.shape[:2])
+    result = photo.copy()
+    if box is None:
+        return result
+    x0, y0, x1, y1 = box
+    box_to_crop = transform.to_crop @ _translation(x0, y0)
+    width, height = x1 - x0, y1 - y0
+    crop_per_photo = transform.scale
+    warped = _resample(
+        crop, box_to_crop, width, height, source_per_target=crop_per_photo, border_mode=cv2.BORDER_REPLICATE
+    )
+    alpha = _resample(
+        weight,
+        box_to_crop,
+        width,
+        height,
+        source_per_target=crop_per_photo,
+        border_mode=cv2.BORDER_CONSTANT,
+        smooth=False,
+    )
+    # alpha [h, w] is a convex combination of weights in [0, 1] (bilinear, Gaussian, zero border).
+    # Where it is 0, blendLinear returns photo / (1 + 1e-5), which rounds back to the same byte.
+    region = photo[y0:y1, x0:x1]  # [h, w, 3]
+    result[y0:y1, x0:x1] = cv2.blendLinear(region, warped, 1.0 - alpha, alpha)
+    return result
+
+
+def _photo_box_of_support(
+    weight: np.ndarray, transform: CropTransform, photo_shape: tuple[int, ...]
+) -> tuple[int, int, int, int] | None:
+    """Return the photo box (x0, y0, x1, y1), end-exclusive, that holds every pixel ``weight`` reaches."""
+    rows = np.flatnonzero(weight.max(axis=1) > 0)
+    cols = np.flatnonzero(weight.max(axis=0) > 0)
+    if rows.size == 0:
+        return None
+    reach = 1.0  # bilinear footprint of a crop pixel, in crop pixels
+    corners = np.array(
+        [
+            [cols[0] - 0.5 - reach, rows[0] - 0.5 - reach],
+            [cols[0] - 0.5 - reach, rows[-1] + 0.5 + reach],
+            [cols[-1] + 0.5 + reach, rows[-1] + 0.5 + reach],
+            [cols[-1] + 0.5 + reach, rows[0] - 0.5 - reach],
+        ]
+    )
+    photo_corners = transform.to_photo_points(corners)  # [4, 2]
+    height, width = photo_shape[0], photo_shape[1]
+    x0 = max(0, math.floor(photo_corners[:, 0].min()) - 1)
+    y0 = max(0, math.floor(photo_corners[:, 1].min()) - 1)
+    x1 = min(width, math.ceil(photo_corners[:, 0].max()) + 2)
+    y1 = min(height, math.ceil(photo_corners[:, 1].max()) + 2)
+    if x0 >= x1 or y0 >= y1:
+        return None
+    return x0, y0, x1, y1
+
+
+def _check_image(image: np.ndarray, name: str) -> None:
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        shape = getattr(image, "shape", None)
+        raise ValueError(f"{name} must be a uint8 RGB array [H, W, 3], got {type(image).__name__} {shape}")
