@@ -24,7 +24,12 @@ log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "fluidsrv"
 
-DEFAULT_PLUGINS: tuple[str, ...] = ()
+DEFAULT_PLUGINS: tuple[str, ...] = (
+    "fluidsrv_plugins.detect_dlib",
+    "fluidsrv_plugins.detect_mediapipe",
+    "fluidsrv_plugins.detect_yunet",
+    "fluidsrv_plugins.detect_insightface",
+)
 """Modules of the built-in plugins, registered in this order."""
 
 STAGE_HOOKS: dict[str, str] = {

@@ -8,7 +8,11 @@ import logging
 import sys
 from collections.abc import Sequence
 
-SUBCOMMAND_MODULES: tuple[str, ...] = ("fluidsrv.cli.serve", "fluidsrv.cli.weights")
+SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "fluidsrv.cli.serve",
+    "fluidsrv.cli.weights",
+    "fluidsrv.cli.faces",
+)
 """Modules that add a subcommand; each defines ``register(subparsers) -> None``."""
 
 
