@@ -130,12 +130,20 @@ class PreviewRenderer(Protocol):
         """Render ``ws`` [1, num_ws, w_dim] to an image [1, 3, H, W] in [-1, 1]."""
         ...
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Return the tensors that :meth:`Previewer.restore` needs to rebuild this renderer."""
+        ...
+
 
 class Previewer(Protocol):
     """Builds a per-session preview renderer (e.g. distils a student from the fine-tuned generator)."""
 
     def fit(self, generator: StyleGenerator, ws: torch.Tensor) -> StepJob[PreviewRenderer]:
-        """Step-wise preparation of a renderer that imitates ``generator`` around ``ws``."""
+        """Step-wise preparation of a renderer that imitates ``generator`` (fine-tuned) around ``ws``."""
+        ...
+
+    def restore(self, generator: StyleGenerator, state: dict[str, torch.Tensor]) -> PreviewRenderer:
+        """Rebuild a renderer from its ``state_dict`` (after a session was spilled to disk)."""
         ...
 
 
