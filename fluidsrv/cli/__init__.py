@@ -12,6 +12,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "fluidsrv.cli.serve",
     "fluidsrv.cli.weights",
     "fluidsrv.cli.faces",
+    "fluidsrv.cli.train",
 )
 """Modules that add a subcommand; each defines ``register(subparsers) -> None``."""
 

@@ -1,0 +1,692 @@
+"""Training an Encoder4Editing-style encoder for one of our generators (``fluidsrv train encoder``).
+
+The network is :class:`fluidsrv.models.e4e.Encoder4Editing` with a smaller IR-SE backbone (see
+:data:`ARCHITECTURES`): a base code ``w0`` plus per-layer deltas, ``ws = w0 + Δ_i + latent_avg``. One step:
+
+1. **real faces** (the train split of the zip shards, mirrored): encode, render with the frozen generator
+   (``noise_mode="const"``, as inference renders), and compare with the photo: ``pixel_weight``·L2 +
+   ``perceptual_weight``·the perceptual distance (the discriminator features of a GAN checkpoint when one is
+   given, else the weight-free Laplacian pyramid; plus LPIPS-VGG when its weights are in the cache);
+2. **delta regularisation** (e4e): ``delta_weight``·Σ_i ‖Δ_i‖₂, and progressive deltas: layer ``i``'s delta
+   is switched on after ``delta_start_kimg + (i − 1)·delta_every_kimg`` thousand images (before that the
+   encoder predicts a single ``w``), so the codes stay near W where edits behave;
+3. **generated pairs**: random ``ws`` (mapped z, style-mixed with ``mixing_prob``) and their renders; the
+   encoder must give the ``ws`` back: ``latent_weight``·mean squared code error. These pairs have exact
+   answers, which real faces lack, and teach the encoder W's layout early on;
+4. optionally a **latent discriminator** (e4e's): an MLP that tells mapped w's from encoded codes, trained
+   with the logistic loss and lazy R1; the encoder gets ``adversarial_weight``·softplus(−D(codes)).
+
+Checkpoints (every ``snapshot_kimg`` and at the end): ``checkpoint-SSSSSSS.safetensors`` holds the encoder and the
+latent discriminator in fp16 with the config, counters and the generator's fingerprint in its metadata (≤ 16 MiB
+for every architecture here); ``checkpoint-SSSSSSS-optim.safetensors`` holds Adam's second moments in bf16. The
+first moments are not stored: they restart at zero on resume, which only damps the first ~10 steps (β1 = 0.9).
+The run also writes ``encoder.safetensors`` (fp16, with ``latent_avg``, loadable by
+:func:`fluidsrv.weights.load_e4e`), ``recon-SSSSSSS.png`` (real faces over their reconstructions) and
+``log.jsonl``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from fluidsrv.latents import mix_styles
+from fluidsrv.models.e4e import E4EConfig, Encoder4Editing
+from fluidsrv.models.stylegan2 import Generator, GeneratorConfig
+from fluidsrv.perceptual import ImageDistance, inversion_distance
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "fluidsrv-encoder-checkpoint"
+OPTIMIZER_FORMAT = "fluidsrv-encoder-optimizer"
+FORMAT_VERSION = "1"
+CHECKPOINT_GLOB = "checkpoint-*[0-9].safetensors"
+ENCODER_EXPORT = "encoder.safetensors"
+LOG_FILE = "log.jsonl"
+CHECKPOINT_BUDGET_BYTES = 16 * 2**20  # the most a remote GPU run can hand back per file
+SHIPPED_ENCODER_BUDGET_BYTES = 40 * 10**6  # weights/encoder-128.safetensors in fp16
+FINGERPRINT_KEY = "generator_fingerprint"
+MIN_INPUT_SIZE = 32  # the coarse map (input / 16) must be at least 2×2 for the style blocks
+MAX_INPUT_SIZE = 256  # e4e's input size; larger generators see their image downsampled
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Architectures and configs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EncoderArchitecture:
+    """The backbone and style-block widths of an encoder; the generator fixes num_ws, w_dim and the input size."""
+
+    stage_blocks: tuple[int, int, int, int]  # IR-SE units per stage
+    stage_widths: tuple[int, int, int, int]  # channels per stage (the last is the pyramid width)
+    style_channels: int  # conv width inside each per-layer style block
+    se_reduction: int = 16  # squeeze-excitation reduction (stage widths must be ≥ it)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stage_blocks", tuple(int(n) for n in self.stage_blocks))
+        object.__setattr__(self, "stage_widths", tuple(int(n) for n in self.stage_widths))
+
+
+ARCHITECTURES: dict[str, EncoderArchitecture] = {
+    # 6.5M parameters (13 MB in fp16), 32 ms a face on one CPU thread at 128²: the shipped encoder
+    "encoder-128": EncoderArchitecture((1, 2, 3, 1), (16, 32, 96, 192), style_channels=96),
+    # 3.0M parameters, 31 ms a face, ~2× faster to train: the CPU fallback
+    "cpu-128": EncoderArchitecture((1, 2, 3, 1), (16, 32, 64, 128), style_channels=64),
+    # for tests and smoke runs
+    "tiny": EncoderArchitecture((1, 1, 1, 1), (8, 8, 16, 16), style_channels=8, se_reduction=4),
+}
+
+
+def encoder_config(architecture: EncoderArchitecture, generator: GeneratorConfig) -> E4EConfig:
+    """Return the :class:`E4EConfig` of ``architecture`` for a generator (its num_ws, w_dim and resolution)."""
+    num_ws = generator.num_ws
+    return E4EConfig(
+        num_ws=num_ws,
+        w_dim=generator.w_dim,
+        input_size=max(MIN_INPUT_SIZE, min(generator.resolution, MAX_INPUT_SIZE)),
+        stage_blocks=architecture.stage_blocks,
+        stage_widths=architecture.stage_widths,
+        style_channels=architecture.style_channels,
+        se_reduction=architecture.se_reduction,
+        coarse_end=min(3, num_ws),  # e4e's split: 4²–8² styles read the coarse map, 16²–32² the middle one
+        middle_end=min(7, num_ws),
+    )
+
+
+@dataclass(frozen=True)
+class EncoderTrainConfig:
+    """Everything that defines an encoder training run except the data, the generator and the run length."""
+
+    name: str  # the name the CLI's --config takes
+    architecture: str  # a key of ARCHITECTURES
+    batch_size: int = 32  # real faces per step (and as many generated pairs)
+    lr: float = 2e-4  # Adam learning rate of the encoder (from scratch: no ArcFace initialisation here)
+    betas: tuple[float, float] = (0.9, 0.999)
+    pixel_weight: float = 1.0  # pixel L2 on real faces (images in [-1, 1])
+    perceptual_weight: float = 0.8  # perceptual distance on real faces (e4e's LPIPS weight)
+    latent_weight: float = 1.0  # code L2 on generated pairs
+    delta_weight: float = 2e-4  # Σ_i ‖Δ_i‖ (e4e's delta-norm weight)
+    adversarial_weight: float = 0.1  # latent-discriminator loss of the encoder; 0 disables the discriminator
+    latent_d_lr: float = 2e-5  # Adam learning rate of the latent discriminator (e4e's)
+    latent_r1_gamma: float = 10.0  # R1 weight of the latent discriminator
+    latent_r1_every: int = 16  # lazy R1 interval
+    mixing_prob: float = 0.5  # probability that a generated pair's ws are style-mixed
+    delta_start_kimg: float = 40.0  # thousand images before the first per-layer delta is switched on
+    delta_every_kimg: float = 10.0  # thousand images between switching on successive deltas
+    xflip: bool = True  # add mirrored copies of the training faces
+    snapshot_kimg: float = 50.0  # write a checkpoint every this many thousand real images
+    log_every: int = 50  # steps between log lines
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"unknown encoder architecture {self.architecture!r}; choose from {sorted(ARCHITECTURES)}")
+        if self.batch_size < 1 or self.log_every < 1 or self.latent_r1_every < 1:
+            raise ValueError("batch_size, log_every and latent_r1_every must be >= 1")
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-able dict that :meth:`from_dict` turns back into this config."""
+        data = {item.name: getattr(self, item.name) for item in fields(self)}
+        data["betas"] = list(self.betas)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EncoderTrainConfig:
+        """Build a config from :meth:`to_dict` output; unknown keys are an error."""
+        unknown = set(data) - {item.name for item in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown EncoderTrainConfig keys: {sorted(unknown)}")
+        return cls(**data)
+
+    def active_deltas(self, images_seen: int, num_ws: int) -> int:
+        """How many per-layer deltas (layers 1..n) are switched on after ``images_seen`` real images."""
+        kimg = images_seen / 1000.0
+        if kimg < self.delta_start_kimg:
+            return 0
+        if self.delta_every_kimg <= 0:
+            return num_ws - 1
+        return min(num_ws - 1, 1 + int((kimg - self.delta_start_kimg) / self.delta_every_kimg))
+
+
+ENCODER_128 = EncoderTrainConfig("encoder-128", "encoder-128")
+"""The shipped encoder: batch 32 + 32, all 11 deltas on after 140 kimg; train for ~2,000 kimg on a GPU."""
+
+CPU_128 = EncoderTrainConfig(
+    "cpu-128",
+    "cpu-128",
+    batch_size=8,
+    lr=3e-4,
+    delta_start_kimg=10.0,
+    delta_every_kimg=2.0,
+    snapshot_kimg=5.0,
+    log_every=10,
+)
+"""A fallback for a CPU: half the backbone, batch 8 + 8, deltas switched on sooner."""
+
+TINY = EncoderTrainConfig(
+    "tiny",
+    "tiny",
+    batch_size=4,
+    lr=1e-3,
+    latent_d_lr=1e-3,
+    latent_r1_every=2,
+    delta_start_kimg=0.008,
+    delta_every_kimg=0.004,
+    snapshot_kimg=0.016,
+    log_every=1,
+)
+"""For tests and smoke runs: every loss, R1 and the delta schedule are exercised within a few steps."""
+
+TRAIN_CONFIGS: dict[str, EncoderTrainConfig] = {config.name: config for config in (ENCODER_128, CPU_128, TINY)}
+
+
+def get_train_config(name: str) -> EncoderTrainConfig:
+    """Return the named encoder training config."""
+    try:
+        return TRAIN_CONFIGS[name]
+    except KeyError:
+        raise ValueError(f"unknown encoder training config {name!r}; choose from {sorted(TRAIN_CONFIGS)}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pieces
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def generator_fingerprint(generator: Generator) -> str:
+    """A short hash of a generator's parameters rounded to fp16 (equal for an fp32 model and its fp16 file)."""
+    digest = hashlib.sha256(json.dumps(generator.config.to_dict(), sort_keys=True).encode())
+    for name, parameter in generator.named_parameters():
+        digest.update(name.encode())
+        digest.update(parameter.detach().to("cpu", torch.float16).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class LatentDiscriminator(nn.Module):
+    """e4e's latent-code discriminator: an MLP scoring single w vectors [N, w_dim] -> logits [N, 1]."""
+
+    def __init__(self, w_dim: int, hidden: int = 256, layers: int = 4) -> None:
+        super().__init__()
+        blocks: list[nn.Module] = []
+        width = w_dim
+        for _ in range(layers - 1):
+            blocks += [nn.Linear(width, hidden), nn.LeakyReLU(0.2)]
+            width = hidden
+        blocks.append(nn.Linear(width, 1))
+        self.net = nn.Sequential(*blocks)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        """Score codes [N, w_dim]; real (mapped) w's should get high logits."""
+        return self.net(w)  # [N, 1]
+
+
+def resize_for_encoder(images: torch.Tensor, input_size: int) -> torch.Tensor:
+    """Resize images [N, 3, R, R] to the encoder's input side (antialiased bilinear) when they differ."""
+    if images.shape[-1] == input_size:
+        return images
+    return F.interpolate(images, size=(input_size, input_size), mode="bilinear", antialias=True, align_corners=False)
+
+
+@dataclass
+class EncoderTrainState:
+    """The counters a run resumes from."""
+
+    step: int = 0
+    images_seen: int = 0  # real faces seen (generated pairs are as many again)
+    train_seconds: float = 0.0
+
+    @property
+    def kimg(self) -> float:
+        """Thousands of real faces seen."""
+        return self.images_seen / 1000.0
+
+
+class EncoderTrainer:
+    """The encoder, the frozen generator, the losses and the optimisers of one run, with checkpoint IO."""
+
+    def __init__(
+        self,
+        config: EncoderTrainConfig,
+        generator: Generator,
+        perceptual: ImageDistance,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.config = config
+        self.device = torch.device(device)
+        self.generator = generator.to(self.device).eval().requires_grad_(False)
+        self.perceptual = perceptual.to(self.device)
+        self.fingerprint = generator_fingerprint(self.generator)
+        torch.manual_seed(config.seed)
+        self.encoder_config = encoder_config(ARCHITECTURES[config.architecture], generator.config)
+        self.encoder = Encoder4Editing(self.encoder_config).to(self.device)
+        self.latent_avg = self.generator.w_avg.detach().clone()  # [w_dim], added to every code
+        self.latent_d = LatentDiscriminator(generator.w_dim).to(self.device)
+        self.opt_e = torch.optim.Adam(self.encoder.parameters(), lr=config.lr, betas=config.betas)
+        self.opt_d = torch.optim.Adam(self.latent_d.parameters(), lr=config.latent_d_lr, betas=config.betas)
+        self.state = EncoderTrainState()
+        self._rng = torch.Generator().manual_seed(config.seed)
+
+    @property
+    def uses_latent_discriminator(self) -> bool:
+        """Whether the adversarial latent loss is on."""
+        return self.config.adversarial_weight > 0
+
+    def encode(self, images: torch.Tensor, num_deltas: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (ws [N, num_ws, w_dim] with latent_avg added, deltas [N, num_ws, w_dim]) for images in [-1, 1]."""
+        w0, deltas = self.encoder.encode_parts(resize_for_encoder(images, self.encoder_config.input_size), num_deltas)
+        return w0.unsqueeze(1) + deltas + self.latent_avg, deltas  # [N, num_ws, w_dim] each
+
+    def _random_ws(self, batch: int) -> torch.Tensor:
+        """Mapped random ws [batch, num_ws, w_dim], style-mixed with probability ``mixing_prob``."""
+        generator = self.generator
+        z = torch.randn(batch, generator.w_dim, generator=self._rng).to(self.device)  # [B, w_dim]
+        ws = generator.mapping(z)  # [B, num_ws, w_dim]
+        if float(torch.rand((), generator=self._rng)) < self.config.mixing_prob:
+            cutoff = int(torch.randint(1, generator.num_ws, (), generator=self._rng))
+            other = generator.mapping(torch.randn(batch, generator.w_dim, generator=self._rng).to(self.device))
+            ws = mix_styles(ws, other, cutoff)  # [B, num_ws, w_dim]
+        return ws
+
+    def step(self, reals: torch.Tensor) -> dict[str, float]:
+        """One encoder step (and one latent-discriminator step) on a batch of real faces [B, 3, R, R] in [-1, 1]."""
+        config, generator = self.config, self.generator
+        batch = reals.shape[0]
+        assert reals.shape[1:] == (3, generator.resolution, generator.resolution), reals.shape
+        reals = reals.to(self.device)
+        num_deltas = config.active_deltas(self.state.images_seen, generator.num_ws)
+        self.encoder.train()
+
+        # 1-2. real faces: reconstruction + delta regularisation (+ adversarial)
+        codes, deltas = self.encode(reals, num_deltas)  # [B, num_ws, w_dim] each
+        recon = generator.synthesis(codes, noise_mode="const")  # [B, 3, R, R]
+        pixel = (recon - reals).square().mean()
+        perceptual = self.perceptual(recon, reals).mean()
+        delta_norm = deltas[:, 1:].norm(dim=2).sum(dim=1).mean()
+        loss = config.pixel_weight * pixel + config.perceptual_weight * perceptual + config.delta_weight * delta_norm
+        metrics = {"pixel": pixel.detach(), "perceptual": perceptual.detach(), "delta_norm": delta_norm.detach()}
+        if self.uses_latent_discriminator:
+            self.latent_d.requires_grad_(False)
+            adversarial = F.softplus(-self.latent_d(codes.flatten(0, 1))).mean()
+            loss = loss + config.adversarial_weight * adversarial
+            metrics["adversarial"] = adversarial.detach()
+
+        # 3. generated pairs: the encoder must return the ws that drew them
+        with torch.no_grad():
+            true_ws = self._random_ws(batch)  # [B, num_ws, w_dim]
+            fakes = generator.synthesis(true_ws, noise_mode="const")  # [B, 3, R, R]
+        predicted, _ = self.encode(fakes, num_deltas)  # [B, num_ws, w_dim]
+        latent = (predicted - true_ws).square().mean()
+        loss = loss + config.latent_weight * latent
+        metrics["latent"] = latent.detach()
+
+        self.opt_e.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_e.step()
+        metrics["loss"] = loss.detach()
+
+        # 4. latent discriminator: mapped w's are real, encoded codes fake
+        if self.uses_latent_discriminator:
+            metrics.update(self._latent_d_step(codes.detach().flatten(0, 1)))
+        self.state.step += 1
+        self.state.images_seen += batch
+        result = {name: float(value) for name, value in metrics.items()}
+        result["active_deltas"] = float(num_deltas)
+        return result
+
+    def _latent_d_step(self, fake_codes: torch.Tensor) -> dict[str, torch.Tensor]:
+        config = self.config
+        self.latent_d.requires_grad_(True)
+        with torch.no_grad():
+            z = torch.randn(fake_codes.shape[0], self.generator.w_dim, generator=self._rng).to(self.device)
+            real_w = self.generator.mapping(z)[:, 0]  # [N, w_dim]
+        loss_d = F.softplus(self.latent_d(fake_codes)).mean() + F.softplus(-self.latent_d(real_w)).mean()
+        metrics = {"latent_d": loss_d.detach()}
+        if (self.state.step + 1) % config.latent_r1_every == 0:
+            real_w = real_w.detach().requires_grad_(True)
+            (gradient,) = torch.autograd.grad(self.latent_d(real_w).sum(), real_w, create_graph=True)  # [N, w_dim]
+            r1 = gradient.square().sum(dim=1).mean()
+            loss_d = loss_d + config.latent_r1_gamma / 2 * r1 * config.latent_r1_every
+            metrics["latent_r1"] = r1.detach()
+        self.opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        self.opt_d.step()
+        return metrics
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        """Encode and render images [N, 3, R, R] in eval mode (what inference does)."""
+        self.encoder.eval()
+        num_deltas = self.config.active_deltas(self.state.images_seen, self.generator.num_ws)
+        codes, _ = self.encode(images.to(self.device), num_deltas)
+        return self.generator.synthesis(codes, noise_mode="const")  # [N, 3, R, R]
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+
+    def save_checkpoint(self, path: Path) -> tuple[Path, Path]:
+        """Write the weights checkpoint (fp16) and its optimizer file (bf16 second moments); return both paths."""
+        path = Path(path)
+        tensors = {"latent_avg": self.latent_avg.detach().float().cpu()}
+        for prefix, module in (("E", self.encoder), ("LD", self.latent_d)):
+            for key, value in module.state_dict().items():
+                value = value.detach().cpu()
+                tensors[f"{prefix}.{key}"] = (value.half() if value.is_floating_point() else value).contiguous()
+        metadata = {
+            "format": CHECKPOINT_FORMAT,
+            "format_version": FORMAT_VERSION,
+            "train_config": json.dumps(self.config.to_dict()),
+            "encoder_config": json.dumps(self.encoder_config.to_dict()),
+            "state": json.dumps(asdict(self.state)),
+            FINGERPRINT_KEY: self.fingerprint,
+        }
+        _atomic_save(tensors, path, metadata)
+        moments: dict[str, torch.Tensor] = {}
+        for prefix, module, optimizer in (("E", self.encoder, self.opt_e), ("LD", self.latent_d, self.opt_d)):
+            for name, parameter in module.named_parameters():
+                state = optimizer.state.get(parameter)
+                if state:
+                    key = f"{prefix}.{name}"
+                    moments[f"{key}.exp_avg_sq"] = state["exp_avg_sq"].detach().to("cpu", torch.bfloat16).contiguous()
+                    moments[f"{key}.step"] = torch.as_tensor(state["step"], dtype=torch.float32).reshape(()).cpu()
+        optim = optimizer_path(path)
+        _atomic_save(moments, optim, {"format": OPTIMIZER_FORMAT, "format_version": FORMAT_VERSION})
+        for written in (path, optim):
+            if written.stat().st_size > CHECKPOINT_BUDGET_BYTES:
+                log.warning("%s is %.1f MiB, over the 16 MiB budget", written, written.stat().st_size / 2**20)
+        return path, optim
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: Path,
+        generator: Generator,
+        perceptual: ImageDistance,
+        device: torch.device | str = "cpu",
+        config: EncoderTrainConfig | None = None,
+    ) -> EncoderTrainer:
+        """Rebuild a trainer from a checkpoint to resume; ``generator`` must be the one it was trained with."""
+        path = Path(path)
+        tensors, metadata = _read_safetensors(path)
+        if metadata.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} file (format={metadata.get('format')!r})")
+        stored = EncoderTrainConfig.from_dict(json.loads(metadata["train_config"]))
+        config = stored if config is None else config
+        if config.architecture != stored.architecture:
+            raise ValueError(f"{path} holds a {stored.architecture!r} encoder, not {config.architecture!r}")
+        fingerprint = generator_fingerprint(generator)
+        if metadata.get(FINGERPRINT_KEY) != fingerprint:
+            raise ValueError(
+                f"{path} was trained with generator {metadata.get(FINGERPRINT_KEY)}, but the generator given is "
+                f"{fingerprint}: resume with the same generator file"
+            )
+        trainer = cls(config, generator, perceptual, device)
+        for prefix, module in (("E", trainer.encoder), ("LD", trainer.latent_d)):
+            state = {key[len(prefix) + 1 :]: value for key, value in tensors.items() if key.startswith(prefix + ".")}
+            module.load_state_dict({key: _as_float(value) for key, value in state.items()}, strict=True)
+        trainer.latent_avg = tensors["latent_avg"].float().to(trainer.device)
+        trainer.state = EncoderTrainState(**json.loads(metadata["state"]))
+        trainer._rng.manual_seed(config.seed + trainer.state.step)
+        optim = optimizer_path(path)
+        if optim.exists():
+            moments, _ = _read_safetensors(optim)
+            _restore_second_moments("E", trainer.encoder, trainer.opt_e, moments)
+            _restore_second_moments("LD", trainer.latent_d, trainer.opt_d, moments)
+        else:
+            log.warning("no optimizer state %s: resuming with fresh Adam moments", optim)
+        return trainer
+
+    def export(self, path: Path, generator_file: str, extra: dict[str, str] | None = None) -> None:
+        """Write the encoder as our fp16 safetensors (with latent_avg and the generator's name and fingerprint)."""
+        from fluidsrv.weights import save_encoder
+
+        metadata = {
+            FINGERPRINT_KEY: self.fingerprint,
+            "training_config": self.config.name,
+            "kimg": f"{self.state.kimg:.1f}",
+            "step": str(self.state.step),
+            **(extra or {}),
+        }
+        self.encoder.eval()
+        partial = Path(path).with_name(Path(path).name + ".partial")
+        save_encoder(
+            partial, self.encoder, self.latent_avg, generator_file=generator_file, extra_metadata=metadata, half=True
+        )
+        os.replace(partial, path)
+
+
+def _as_float(value: torch.Tensor) -> torch.Tensor:
+    return value.float() if value.is_floating_point() else value
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    partial = path.with_name(path.name + ".partial")
+    save_file(tensors, str(partial), metadata=metadata)
+    os.replace(partial, path)
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata() or {})
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open is no dict)
+    return tensors, metadata
+
+
+def _restore_second_moments(
+    prefix: str, module: nn.Module, optimizer: torch.optim.Adam, moments: dict[str, torch.Tensor]
+) -> None:
+    """Load bf16 second moments into ``optimizer``; first moments restart at zero (see the module docstring)."""
+    names = {id(parameter): name for name, parameter in module.named_parameters()}
+    (group,) = optimizer.param_groups
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for index, parameter in enumerate(group["params"]):
+        key = f"{prefix}.{names[id(parameter)]}"
+        if f"{key}.exp_avg_sq" not in moments:
+            continue
+        second = moments[f"{key}.exp_avg_sq"].float()
+        assert second.shape == parameter.shape, f"{key}: moment {tuple(second.shape)} vs {tuple(parameter.shape)}"
+        state[index] = {
+            "step": moments[f"{key}.step"].float(),
+            "exp_avg": torch.zeros_like(second),
+            "exp_avg_sq": second,
+        }
+    saved = optimizer.state_dict()
+    saved["state"] = state
+    optimizer.load_state_dict(saved)
+
+
+def optimizer_path(checkpoint: Path) -> Path:
+    """Return the optimizer-state file that belongs to a checkpoint file."""
+    return checkpoint.with_name(checkpoint.stem + "-optim.safetensors")
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """Return the newest ``checkpoint-*.safetensors`` of a run folder (by step), or None."""
+    candidates = sorted(Path(run_dir).glob(CHECKPOINT_GLOB))
+    return candidates[-1] if candidates else None
+
+
+def stored_train_config(path: Path) -> EncoderTrainConfig:
+    """Return the training config stored in an encoder checkpoint."""
+    _, metadata = _read_safetensors(Path(path))
+    if metadata.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} file")
+    return EncoderTrainConfig.from_dict(json.loads(metadata["train_config"]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading the generator (and the perceptual distance) a run trains against
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def is_gan_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a fluidsrv GAN training checkpoint (it holds G_ema and D)."""
+    from fluidsrv.training.gan import CHECKPOINT_FORMAT as GAN_FORMAT
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return (handle.metadata() or {}).get("format") == GAN_FORMAT
+    except Exception:  # not a safetensors file
+        return False
+
+
+def load_training_generator(path: Path, device: torch.device | str = "cpu") -> Generator:
+    """Load the generator to train against: our generator safetensors, a rosinality .pt, or a GAN checkpoint."""
+    if is_gan_checkpoint(path):
+        from fluidsrv.training.gan import load_checkpoint_generator
+
+        return load_checkpoint_generator(path, device)
+    from fluidsrv.weights import load_generator
+
+    generator, _ = load_generator(path, device)
+    return generator.requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run driver
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EncoderRun:
+    """What a training run is given besides its config."""
+
+    data_dir: Path  # folder with faces128-*.zip shards
+    generator_path: Path  # the generator to train against (see load_training_generator)
+    run_dir: Path  # where checkpoints, samples, the log and encoder.safetensors go
+    kimg: float  # train until this many thousand real faces in total
+    resume: Path | None = None  # a checkpoint file or a run folder
+    discriminator: Path | None = None  # a GAN checkpoint / rosinality .pt whose D gives the perceptual features
+    cache_dir: Path | None = None  # where LPIPS-VGG's files may be (used when present)
+    minutes: float | None = None  # stop (with a snapshot) after this long
+    device: str = "auto"
+    num_workers: int = 0
+    keep: int = 2  # checkpoints to keep
+    limit: int | None = None  # train on only the first N faces (smoke tests)
+    generator_file: str | None = None  # the generator's file name recorded in encoder.safetensors
+
+
+def _snapshot(trainer: EncoderTrainer, run: EncoderRun, preview: torch.Tensor) -> Path:
+    from fluidsrv.training.gan import save_image_grid
+
+    step = trainer.state.step
+    checkpoint, _ = trainer.save_checkpoint(run.run_dir / f"checkpoint-{step:07d}.safetensors")
+    trainer.export(run.run_dir / ENCODER_EXPORT, run.generator_file or run.generator_path.name)
+    grid = torch.cat([preview, trainer.reconstruct(preview).cpu()], dim=0)  # [2P, 3, R, R]: reals over recons
+    save_image_grid(grid, run.run_dir / f"recon-{step:07d}.png", columns=preview.shape[0])
+    for old in sorted(run.run_dir.glob(CHECKPOINT_GLOB))[: -run.keep]:
+        old.unlink()
+        optimizer_path(old).unlink(missing_ok=True)
+    return checkpoint
+
+
+def train_encoder(config: EncoderTrainConfig, run: EncoderRun) -> EncoderTrainState:
+    """Train (or resume) an encoder until ``run.kimg`` thousand real faces (or ``run.minutes``); snapshot on the way.
+
+    Returns the final counters. A final snapshot (checkpoint + encoder.safetensors) is always written, also when
+    the run is interrupted with Ctrl-C.
+    """
+    from fluidsrv.training.data import BatchStream, FaceShardDataset
+    from fluidsrv.training.gan import resolve_device
+
+    device = resolve_device(run.device)
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    generator = load_training_generator(run.generator_path, device)
+    discriminator = run.discriminator
+    if discriminator is None and is_gan_checkpoint(run.generator_path):
+        discriminator = run.generator_path  # its D is the best perceptual feature net we have
+    perceptual = inversion_distance(run.cache_dir, discriminator, device=device)
+    log.info("perceptual distance: %s", perceptual.name)
+    if run.resume is not None:
+        resume = latest_checkpoint(run.resume) if Path(run.resume).is_dir() else Path(run.resume)
+        if resume is None:
+            raise FileNotFoundError(f"no checkpoint to resume from in {run.resume}")
+        trainer = EncoderTrainer.from_checkpoint(resume, generator, perceptual, device, config)
+        log.info("resumed %s at step %d (%.2f kimg)", resume, trainer.state.step, trainer.state.kimg)
+    else:
+        trainer = EncoderTrainer(config, generator, perceptual, device)
+    config = trainer.config
+    (run.run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+
+    dataset = FaceShardDataset(run.data_dir, "train", generator.resolution, xflip=config.xflip, limit=run.limit)
+    stream = iter(
+        BatchStream(
+            dataset,
+            config.batch_size,
+            device,
+            seed=config.seed + trainer.state.step,
+            preload=device.type == "cuda",
+            num_workers=run.num_workers,
+        )
+    )
+    preview = next(stream)[:8].cpu()  # [P, 3, R, R]
+    log.info("training encoder %s on %d faces on %s", config.name, dataset.num_faces, device)
+    target_images = int(run.kimg * 1000)
+    snapshot_images = max(1, int(config.snapshot_kimg * 1000))
+    next_snapshot = (trainer.state.images_seen // snapshot_images + 1) * snapshot_images
+    deadline = None if run.minutes is None else time.monotonic() + run.minutes * 60.0
+    sums: dict[str, float] = {}
+    steps_since_log, started = 0, time.perf_counter()
+    try:
+        while trainer.state.images_seen < target_images and (deadline is None or time.monotonic() < deadline):
+            metrics = trainer.step(next(stream))
+            for name, value in metrics.items():
+                sums[name] = sums.get(name, 0.0) + value
+            steps_since_log += 1
+            if trainer.state.step % config.log_every == 0:
+                started = _log_line(run.run_dir, trainer.state, sums, steps_since_log, started)
+                sums, steps_since_log = {}, 0
+            if trainer.state.images_seen >= next_snapshot:
+                snapshot_began = time.perf_counter()
+                _snapshot(trainer, run, preview)
+                started += time.perf_counter() - snapshot_began  # snapshots do not count as training time
+                next_snapshot += snapshot_images
+    except KeyboardInterrupt:
+        log.warning("interrupted at step %d: writing a final snapshot", trainer.state.step)
+    if steps_since_log:
+        _log_line(run.run_dir, trainer.state, sums, steps_since_log, started)
+    checkpoint = _snapshot(trainer, run, preview)
+    log.info("wrote %s (%.2f kimg, %d steps)", checkpoint, trainer.state.kimg, trainer.state.step)
+    return trainer.state
+
+
+def _log_line(run_dir: Path, state: EncoderTrainState, sums: dict[str, float], steps: int, started: float) -> float:
+    """Append the averaged metrics since the last line to log.jsonl; return the new interval start."""
+    now = time.perf_counter()
+    seconds = max(now - started, 1e-9)
+    state.train_seconds += seconds
+    record: dict[str, Any] = {"step": state.step, "kimg": round(state.kimg, 3)}
+    record.update({name: value / steps for name, value in sorted(sums.items())})
+    record.update(sec_per_step=seconds / steps, train_hours=state.train_seconds / 3600.0, time=time.time())
+    with (run_dir / LOG_FILE).open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    log.info(
+        "step %d  %.2f kimg  loss %.4f  pixel %.4f  latent %.4f  %.2f s/step",
+        state.step,
+        state.kimg,
+        record.get("loss", float("nan")),
+        record.get("pixel", float("nan")),
+        record.get("latent", float("nan")),
+        record["sec_per_step"],
+    )
+    if any(value != value for value in record.values() if isinstance(value, float)):  # NaN check
+        raise FloatingPointError(f"non-finite training metrics at step {state.step}: {record}")
+    return now
+
+
+def with_overrides(config: EncoderTrainConfig, **changes: Any) -> EncoderTrainConfig:
+    """Return ``config`` with the non-None ``changes`` applied."""
+    return replace(config, **{key: value for key, value in changes.items() if value is not None})
