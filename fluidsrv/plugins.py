@@ -11,8 +11,8 @@ import importlib
 import importlib.metadata
 import logging
 import threading
-from collections.abc import Collection
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pluggy
@@ -29,6 +29,11 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "fluidsrv_plugins.detect_mediapipe",
     "fluidsrv_plugins.detect_yunet",
     "fluidsrv_plugins.detect_insightface",
+    "fluidsrv_plugins.segment_landmarks",
+    "fluidsrv_plugins.segment_bisenet",
+    "fluidsrv_plugins.inpaint_opencv",
+    "fluidsrv_plugins.inpaint_lama",
+    "fluidsrv_plugins.preview_generator",
 )
 """Modules of the built-in plugins, registered in this order."""
 
@@ -98,8 +103,14 @@ class PluginInfo:
 class StageCatalog:
     """All factories of all stages, by stage and name, with the active choice per stage."""
 
-    def __init__(self, pm: pluggy.PluginManager, context: PluginContext) -> None:
+    def __init__(
+        self,
+        pm: pluggy.PluginManager,
+        context: PluginContext,
+        options: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
         self.context = context
+        self._options = dict(options or {})  # "stage.name" -> that plugin's options
         self._factories: dict[str, dict[str, tuple[str, PluginFactory[Any]]]] = {}
         self._active: dict[str, tuple[str, Any]] = {}
         self._lock = threading.Lock()
@@ -117,11 +128,15 @@ class StageCatalog:
         """Return the factory names registered for ``stage``."""
         return list(self._stage(stage))
 
+    def context_for(self, stage: str, name: str) -> PluginContext:
+        """Return the plugin context of ``stage``/``name``, carrying its own options."""
+        return replace(self.context, options=dict(self._options.get(f"{stage}.{name}", {})))
+
     def unavailable_reason(self, stage: str, name: str) -> str | None:
         """Return why ``stage``/``name`` cannot be built, or None when it can."""
         _, factory = self._lookup(stage, name)
         try:
-            return factory.unavailable(self.context)
+            return factory.unavailable(self.context_for(stage, name))
         except Exception as error:
             return f"availability check failed: {error}"
 
@@ -141,9 +156,22 @@ class StageCatalog:
         if reason is not None:
             raise PluginError(f"{stage} plugin {name!r} is unavailable: {reason}")
         try:
-            return factory.create(self.context)
+            return factory.create(self.context_for(stage, name))
         except Exception as error:
             raise PluginError(f"{stage} plugin {name!r} failed to start: {error}") from error
+
+    def first_available(self, stage: str, preferences: list[str]) -> str:
+        """Return the first name of ``preferences`` that is registered and available for ``stage``."""
+        reasons = []
+        for name in preferences:
+            if name not in self._stage(stage):
+                reasons.append(f"{name}: not installed")
+                continue
+            reason = self.unavailable_reason(stage, name)
+            if reason is None:
+                return name
+            reasons.append(f"{name}: {reason}")
+        raise PluginError(f"no {stage} plugin is available ({'; '.join(reasons) or 'none configured'})")
 
     def activate(self, stage: str, name: str) -> Any:
         """Make ``name`` the active ``stage`` implementation; on failure the previous one stays active."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,13 +37,19 @@ class Settings:
     weights_dir: Path = EMBEDDED_WEIGHTS_DIR
     cache_dir: Path = field(default_factory=default_cache_dir)
     data_dir: Path = field(default_factory=default_data_dir)
-    generator: str = "embedded"  # "embedded" or a path to a rosinality / e4e / fluidsrv checkpoint
-    detector: str = "dlib"
-    encoder: str = "e4e"
-    directions: str = "sefa"
-    segmenter: str = "landmarks"
-    inpainter: str = "telea"
+    # "embedded", a path to a rosinality / e4e / fluidsrv checkpoint, or "random:RES" (untrained, for development)
+    generator: str = "embedded"
+    # each stage: plugin names in order of preference; the first available one is used
+    detector: str = "dlib,yunet,mediapipe"
+    encoder: str = "e4e,project"
+    directions: str = "sefa,attributes,ganspace"  # every available source contributes sliders
+    segmenter: str = "bisenet,landmarks"
+    inpainter: str = "lama,telea"
     previewer: str = "generator"
+    finetune: str = "lowrank"  # pivotal tuning per session: "lowrank", "full" or "none"
+    finetune_steps: int = 100
+    # per-plugin options, keyed "stage.name", e.g. {"encoder.project": {"steps": 200}}; JSON in the env
+    plugin_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     plugin_allow: tuple[str, ...] | None = None  # entry-point plugin names allowed; None = all
     max_upload_bytes: int = 25 * 1024 * 1024
     max_pixels: int = 50_000_000
@@ -72,10 +79,20 @@ class Settings:
 
         return "cuda" if torch.cuda.is_available() else "cpu"
 
+    def stage_preferences(self, stage: str) -> list[str]:
+        """Return the plugin names configured for ``stage``, most preferred first."""
+        raw = str(getattr(self, stage))
+        return [name.strip() for name in raw.split(",") if name.strip()]
+
 
 def _parse(name: str, type_name: str, raw: str) -> Any:
     if "Path" in type_name:
         return Path(raw).expanduser()
+    if "dict" in type_name:
+        value = json.loads(raw)
+        if not isinstance(value, dict):
+            raise ValueError(f"FLUIDSRV_{name.upper()} must be a JSON object")
+        return value
     if "tuple" in type_name:
         return tuple(part.strip() for part in raw.split(",") if part.strip())
     if type_name.startswith("int"):
