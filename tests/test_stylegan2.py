@@ -178,6 +178,24 @@ def test_golden_img_from_w_plus(golden_generator: Generator, golden: dict[str, A
 
 
 @torch.no_grad()
+def test_golden_in_both_memory_layouts(golden: dict[str, Any]) -> None:
+    generator = Generator(golden_config(golden)).eval()
+    generator.load_state_dict(golden["state_dict"], strict=True)
+    layouts: list[bool] = []
+    hook = generator.convs[-1].register_forward_hook(
+        lambda module, args, out: layouts.append(out.is_contiguous(memory_format=torch.channels_last))
+    )
+    for channels_last in (True, False):
+        generator.channels_last_on_cpu = channels_last
+        for batch in (slice(0, 1), slice(0, 2)):
+            img = generator.synthesis(golden["w_plus"][batch])
+            assert img.is_contiguous()
+            assert_close(img, golden["img_from_w_plus"][batch])
+    hook.remove()
+    assert layouts == [True, True, False, False]  # the layout reaches the last layer
+
+
+@torch.no_grad()
 def test_golden_img_mixed(golden_generator: Generator, golden: dict[str, Any]) -> None:
     ws = golden_generator.mapping(golden["z"])  # [2, 10, 64]
     mixed = mix_styles(ws, ws.flip(0), start=4, stop=golden_generator.num_ws)

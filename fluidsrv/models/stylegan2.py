@@ -82,7 +82,7 @@ class GeneratorConfig:
     resolution: int = 1024  # output image side, a power of two >= 4
     w_dim: int = 512  # width of z, w and every style vector (rosinality's style_dim)
     n_mapping: int = 8  # fully connected layers in the mapping network (rosinality's n_mlp)
-    channel_multiplier: int = 2  # scales the config-f widths from 64² up; used only when channels is None
+    channel_multiplier: int = 2  # scales the config-f widths from 64² up; used only when channels is empty
     # feature width per resolution {4: ..., resolution: ...}; empty -> config-f widths. Normalised to a
     # read-only mapping of exactly the resolutions used, int keys (JSON string keys are accepted)
     channels: Mapping[int, int] = field(default_factory=dict)
@@ -129,7 +129,7 @@ class DiscriminatorConfig:
     """Architecture of a StyleGAN2 residual discriminator; JSON round-trip via to_dict / from_dict."""
 
     resolution: int = 1024  # input image side, a power of two >= 8
-    channel_multiplier: int = 2  # scales the config-f widths from 64² up; used only when channels is None
+    channel_multiplier: int = 2  # scales the config-f widths from 64² up; used only when channels is empty
     # feature width per resolution {4: ..., resolution: ...}; empty -> config-f widths
     channels: Mapping[int, int] = field(default_factory=dict)
     blur_kernel: tuple[int, ...] = (1, 3, 3, 1)  # FIR taps of the downsampling blurs
@@ -323,16 +323,14 @@ class ModulatedConv2d(nn.Module):
                 weights = weights * torch.rsqrt(weights.square().sum(dim=(2, 3, 4), keepdim=True) + DEMODULATION_EPS)
             if batch == 1:
                 return self._convolve(x, weights[0])  # [1, O, H', W']
-            height, width = x.shape[2:]
-            out = torch.matmul(weights.flatten(2), x.flatten(2))  # [N, O, I] @ [N, I, H*W] -> [N, O, H*W]
-            return out.reshape(batch, self.out_channels, height, width)  # [N, O, H, W]
+            return _batched_pointwise_conv(x, weights.flatten(2))  # [N, O, H, W]
 
         x = self._convolve(x * styles[:, :, None, None], weight)  # [N, O, H', W']
         if self.demodulate:
             # ||w_o ⊙ s||² = Σ_i s_i² Σ_k w_oik²: one [N, I] @ [I, O] product instead of per-sample weights
             weight_energy = weight.square().sum(dim=(2, 3))  # [O, I]
             demod = torch.rsqrt(styles.square() @ weight_energy.t() + DEMODULATION_EPS)  # [N, O]
-            x = x * demod[:, :, None, None]  # [N, O, H', W']
+            x = x.mul_(demod[:, :, None, None])  # [N, O, H', W'] (the conv output is fresh: scale it in place)
         return x
 
     def _convolve(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -341,6 +339,21 @@ class ModulatedConv2d(nn.Module):
             return F.conv2d(x, weight, padding=self.padding)  # [N, O, H, W]
         x = F.conv_transpose2d(x, weight.transpose(0, 1), stride=2)  # [N, O, 2H+1, 2W+1]
         return self.blur(x)  # [N, O, 2H, 2W]
+
+
+def _batched_pointwise_conv(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """1×1 convolution of each sample of ``x`` [N, I, H, W] with its own ``weights`` [N, O, I], as one matmul.
+
+    Works in whichever memory layout ``x`` has, so channels-last input gives channels-last output.
+    """
+    batch, in_channels, height, width = x.shape
+    out_channels = weights.shape[1]
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        pixels = x.permute(0, 2, 3, 1).reshape(batch, height * width, in_channels)  # [N, H*W, I] (a view)
+        out = torch.matmul(pixels, weights.transpose(1, 2))  # [N, H*W, O]
+        return out.reshape(batch, height, width, out_channels).permute(0, 3, 1, 2)  # [N, O, H, W] channels-last
+    out = torch.matmul(weights, x.reshape(batch, in_channels, height * width))  # [N, O, H*W]
+    return out.reshape(batch, out_channels, height, width)  # [N, O, H, W]
 
 
 class NoiseInjection(nn.Module):
@@ -365,9 +378,9 @@ class ConstantInput(nn.Module):
         super().__init__()
         self.input = nn.Parameter(torch.randn(1, channels, size, size))  # [1, C, 4, 4]
 
-    def forward(self, batch: int) -> torch.Tensor:
-        """Return the constant repeated ``batch`` times: [batch, C, 4, 4]."""
-        return self.input.expand(batch, -1, -1, -1)  # [N, C, 4, 4]
+    def forward(self, batch: int, memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+        """Return the constant repeated ``batch`` times: [batch, C, 4, 4], in ``memory_format``."""
+        return self.input.expand(batch, -1, -1, -1).contiguous(memory_format=memory_format)  # [N, C, 4, 4]
 
 
 class StyledConv(nn.Module):
@@ -425,7 +438,11 @@ class ToRGB(nn.Module):
 
 
 class Generator(nn.Module):
-    """StyleGAN2 generator: ``mapping(z) -> ws`` and ``synthesis(ws) -> img``, with rosinality's names."""
+    """StyleGAN2 generator: ``mapping(z) -> ws`` and ``synthesis(ws) -> img``, with rosinality's names.
+
+    ``w_avg`` (the truncation centre) is a non-persistent buffer of zeros until a loader fills it from a
+    checkpoint's ``latent_avg`` or :meth:`estimate_w_avg` computes it.
+    """
 
     w_avg: torch.Tensor
 
@@ -456,6 +473,10 @@ class Generator(nn.Module):
             self.convs.append(StyledConv(out_channels, out_channels, 3, w_dim, blur_kernel=blur))
             self.to_rgbs.append(ToRGB(out_channels, w_dim, blur_kernel=blur))
             in_channels = out_channels
+
+        # run synthesis channels-last on CPU: oneDNN's depthwise blurs get ~3× and the whole net 10-20% faster
+        # (the layout propagates through every conv); CUDA keeps the default layout
+        self.channels_last_on_cpu = True
 
         # fixed per-layer noise images for noise_mode="const" (layer 0 at 4², then two per resolution)
         self.num_noise_layers = 2 * (log2 - 2) + 1
@@ -507,7 +528,9 @@ class Generator(nn.Module):
         )
         noises = self._noise_images(ws.shape[0], noise_mode, ws.device)
 
-        x = self.input(ws.shape[0])  # [N, C4, 4, 4]
+        use_channels_last = self.channels_last_on_cpu and ws.device.type == "cpu"
+        layout = torch.channels_last if use_channels_last else torch.contiguous_format
+        x = self.input(ws.shape[0], layout)  # [N, C4, 4, 4]
         x = self.conv1(x, ws[:, 0], next(noises))  # [N, C4, 4, 4]
         rgb = self.to_rgb1(x, ws[:, 1])  # [N, 3, 4, 4]
         for block, to_rgb in enumerate(self.to_rgbs):
@@ -515,7 +538,7 @@ class Generator(nn.Module):
             x = self.convs[2 * block](x, ws[:, layer], next(noises))  # [N, C, 2H, 2W]
             x = self.convs[2 * block + 1](x, ws[:, layer + 1], next(noises))  # [N, C, 2H, 2W]
             rgb = to_rgb(x, ws[:, layer + 2], rgb)  # [N, 3, 2H, 2W]
-        return rgb
+        return rgb.contiguous()  # [N, 3, H, W]
 
     def _noise_images(self, batch: int, noise_mode: NoiseMode, device: torch.device) -> Iterator[torch.Tensor | None]:
         """Yield the noise image of each synthesis layer for ``noise_mode``."""
@@ -554,7 +577,7 @@ class Generator(nn.Module):
             z = torch.randn(count, self.w_dim, generator=rng, device=device, dtype=self.w_avg.dtype)  # [B, w_dim]
             total += self.style(z).sum(dim=0, dtype=torch.float64)  # [w_dim]
         self.w_avg.copy_(total / num_samples)
-        return self.w_avg
+        return self.w_avg.clone()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -596,6 +619,12 @@ class ConvLayer(nn.Sequential):
             layers.append(FusedLeakyReLU(out_channels))
         super().__init__(*layers)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the layers to ``x`` [N, I, H, W]; the activation works in place on the fresh conv output."""
+        for layer in self:
+            x = layer(x, inplace=True) if isinstance(layer, FusedLeakyReLU) else layer(x)
+        return x  # [N, O, H', W']
+
 
 class ResBlock(nn.Module):
     """Residual discriminator block: two 3×3 convs (the second downsampling) plus a 1×1 downsampled skip."""
@@ -610,7 +639,7 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map ``x`` [N, I, H, W] to [N, O, H/2, W/2]."""
-        return (self.conv2(self.conv1(x)) + self.skip(x)) * (1.0 / math.sqrt(2.0))  # [N, O, H/2, W/2]
+        return (self.conv2(self.conv1(x)) + self.skip(x)).mul_(1.0 / math.sqrt(2.0))  # [N, O, H/2, W/2]
 
 
 class Discriminator(nn.Module):
@@ -640,6 +669,7 @@ class Discriminator(nn.Module):
         group = min(batch, self.config.stddev_group)
         features = self.config.stddev_features
         assert batch % group == 0, f"batch {batch} must be a multiple of the stddev group {group}"
+        assert channels % features == 0, f"{channels} channels do not split into {features} stddev features"
         y = x.reshape(group, batch // group, features, channels // features, height, width)  # [G, M, F, C/F, H, W]
         y = torch.sqrt(y.var(dim=0, unbiased=False) + STDDEV_EPS)  # [M, F, C/F, H, W]
         y = y.mean(dim=(2, 3, 4))  # [M, F]
