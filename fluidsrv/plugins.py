@@ -33,7 +33,16 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "fluidsrv_plugins.segment_bisenet",
     "fluidsrv_plugins.inpaint_opencv",
     "fluidsrv_plugins.inpaint_lama",
+    "fluidsrv_plugins.encode_project",
+    "fluidsrv_plugins.encode_e4e",
     "fluidsrv_plugins.preview_generator",
+    "fluidsrv_plugins.directions_sefa",
+    "fluidsrv_plugins.directions_ganspace",
+    "fluidsrv_plugins.directions_attributes",
+    "fluidsrv_plugins.directions_files",
+    "fluidsrv_plugins.directions_clip",
+    "fluidsrv_plugins.score_classifier",
+    "fluidsrv_plugins.score_age_gender",
 )
 """Modules of the built-in plugins, registered in this order."""
 
@@ -128,17 +137,23 @@ class StageCatalog:
         """Return the factory names registered for ``stage``."""
         return list(self._stage(stage))
 
-    def context_for(self, stage: str, name: str) -> PluginContext:
-        """Return the plugin context of ``stage``/``name``, carrying its own options."""
-        return replace(self.context, options=dict(self._options.get(f"{stage}.{name}", {})))
+    def context_for(self, stage: str, name: str, options: Mapping[str, Any] | None = None) -> PluginContext:
+        """Return the plugin context of ``stage``/``name``: the catalog context's options, then the plugin's
+        configured options (or ``options`` instead of those) on top."""
+        chosen = options if options is not None else self._options.get(f"{stage}.{name}", {})
+        return replace(self.context, options={**self.context.options, **chosen})
 
-    def unavailable_reason(self, stage: str, name: str) -> str | None:
-        """Return why ``stage``/``name`` cannot be built, or None when it can."""
+    def unavailable_reason(self, stage: str, name: str, options: Mapping[str, Any] | None = None) -> str | None:
+        """Return why ``stage``/``name`` (with ``options``, default the configured ones) cannot be built, or None."""
         _, factory = self._lookup(stage, name)
         try:
-            return factory.unavailable(self.context_for(stage, name))
+            return factory.unavailable(self.context_for(stage, name, options))
         except Exception as error:
             return f"availability check failed: {error}"
+
+    def configured_options(self, stage: str, name: str) -> dict[str, Any]:
+        """Return the options the settings give ``stage``/``name``."""
+        return dict(self._options.get(f"{stage}.{name}", {}))
 
     def describe(self) -> list[PluginInfo]:
         """Return every stage implementation with its availability and the reason when unavailable."""
@@ -149,14 +164,17 @@ class StageCatalog:
                 infos.append(PluginInfo(stage, name, factory.description, plugin_name, reason is None, reason))
         return infos
 
-    def create(self, stage: str, name: str) -> Any:
-        """Build a new instance of ``stage``/``name``; raise PluginError when it is unavailable or fails."""
+    def create(self, stage: str, name: str, options: Mapping[str, Any] | None = None) -> Any:
+        """Build a new instance of ``stage``/``name`` (``options`` replace the configured ones).
+
+        Raises PluginError when it is unavailable or fails to build.
+        """
         _, factory = self._lookup(stage, name)
-        reason = self.unavailable_reason(stage, name)
+        reason = self.unavailable_reason(stage, name, options)
         if reason is not None:
             raise PluginError(f"{stage} plugin {name!r} is unavailable: {reason}")
         try:
-            return factory.create(self.context_for(stage, name))
+            return factory.create(self.context_for(stage, name, options))
         except Exception as error:
             raise PluginError(f"{stage} plugin {name!r} failed to start: {error}") from error
 

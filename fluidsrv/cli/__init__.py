@@ -13,6 +13,8 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "fluidsrv.cli.weights",
     "fluidsrv.cli.faces",
     "fluidsrv.cli.train",
+    "fluidsrv.cli.project",
+    "fluidsrv.cli.edit_tools",
 )
 """Modules that add a subcommand; each defines ``register(subparsers) -> None``."""
 

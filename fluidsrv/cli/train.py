@@ -21,7 +21,7 @@ from typing import Any
 
 from fluidsrv.cli import CliError
 
-TARGET_MODULES: tuple[str, ...] = ()
+TARGET_MODULES: tuple[str, ...] = ("fluidsrv.cli.train_encoder", "fluidsrv.training.attributes")
 """Modules that add a ``train`` target, each defining ``register_target(targets) -> None``."""
 
 

@@ -21,12 +21,14 @@ latent discriminator in fp16 with the config, counters and the generator's finge
 for every architecture here); ``checkpoint-SSSSSSS-optim.safetensors`` holds Adam's second moments in bf16. The
 first moments are not stored: they restart at zero on resume, which only damps the first ~10 steps (β1 = 0.9).
 The run also writes ``encoder.safetensors`` (fp16, with ``latent_avg``, loadable by
-:func:`fluidsrv.weights.load_e4e`), ``recon-SSSSSSS.png`` (real faces over their reconstructions) and
-``log.jsonl``.
+:func:`fluidsrv.weights.load_e4e`; deltas not yet switched on are zeroed in it, so its plain forward pass is what
+training optimised), ``recon-SSSSSSS.png`` (real faces over their reconstructions) and ``log.jsonl``. Training
+only ever reads the ``train`` split (ids < 44,000): the held-out faces stay unseen for ``benchmarks/inversion.py``.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -79,6 +81,10 @@ class EncoderArchitecture:
     def __post_init__(self) -> None:
         object.__setattr__(self, "stage_blocks", tuple(int(n) for n in self.stage_blocks))
         object.__setattr__(self, "stage_widths", tuple(int(n) for n in self.stage_widths))
+        widths = self.stage_widths
+        if any(widths[i] == widths[i + 1] for i in range(len(widths) - 1)):
+            # stages are found where the width changes when an e4e-layout state dict is read back
+            raise ValueError(f"consecutive stage widths must differ, got {widths}")
 
 
 ARCHITECTURES: dict[str, EncoderArchitecture] = {
@@ -87,7 +93,7 @@ ARCHITECTURES: dict[str, EncoderArchitecture] = {
     # 3.0M parameters, 31 ms a face, ~2× faster to train: the CPU fallback
     "cpu-128": EncoderArchitecture((1, 2, 3, 1), (16, 32, 64, 128), style_channels=64),
     # for tests and smoke runs
-    "tiny": EncoderArchitecture((1, 1, 1, 1), (8, 8, 16, 16), style_channels=8, se_reduction=4),
+    "tiny": EncoderArchitecture((1, 1, 1, 1), (8, 12, 16, 24), style_channels=8, se_reduction=4),
 }
 
 
@@ -302,9 +308,15 @@ class EncoderTrainer:
             ws = mix_styles(ws, other, cutoff)  # [B, num_ws, w_dim]
         return ws
 
-    def step(self, reals: torch.Tensor) -> dict[str, float]:
-        """One encoder step (and one latent-discriminator step) on a batch of real faces [B, 3, R, R] in [-1, 1]."""
+    def step(self, reals: torch.Tensor, pairs_seed: int | None = None) -> dict[str, float]:
+        """One encoder step (and one latent-discriminator step) on a batch of real faces [B, 3, R, R] in [-1, 1].
+
+        ``pairs_seed`` reseeds the draw of the generated pairs and latent-discriminator samples (for reproducible
+        steps in tests); by default the run's random stream continues.
+        """
         config, generator = self.config, self.generator
+        if pairs_seed is not None:
+            self._rng.manual_seed(pairs_seed)
         batch = reals.shape[0]
         assert reals.shape[1:] == (3, generator.resolution, generator.resolution), reals.shape
         reals = reals.to(self.device)
@@ -460,12 +472,29 @@ class EncoderTrainer:
             "step": str(self.state.step),
             **(extra or {}),
         }
-        self.encoder.eval()
         partial = Path(path).with_name(Path(path).name + ".partial")
         save_encoder(
-            partial, self.encoder, self.latent_avg, generator_file=generator_file, extra_metadata=metadata, half=True
+            partial,
+            self.inference_encoder(),
+            self.latent_avg,
+            generator_file=generator_file,
+            extra_metadata=metadata,
+            half=True,
         )
         os.replace(partial, path)
+
+    def inference_encoder(self) -> Encoder4Editing:
+        """A copy of the encoder in eval mode whose not-yet-active deltas are exactly 0 (their style blocks' last
+        layer zeroed), so a plain forward pass (what the e4e plugin runs) equals what training optimised."""
+        encoder = copy.deepcopy(self.encoder).eval()
+        active = self.config.active_deltas(self.state.images_seen, self.generator.num_ws)
+        with torch.no_grad():
+            for layer in range(active + 1, self.encoder_config.num_ws):
+                linear = encoder.styles[layer].linear
+                assert isinstance(linear, nn.Module)
+                for tensor in linear.parameters():
+                    tensor.zero_()
+        return encoder
 
 
 def _as_float(value: torch.Tensor) -> torch.Tensor:
@@ -604,6 +633,10 @@ def train_encoder(config: EncoderTrainConfig, run: EncoderRun) -> EncoderTrainSt
 
     device = resolve_device(run.device)
     run.run_dir.mkdir(parents=True, exist_ok=True)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     generator = load_training_generator(run.generator_path, device)
     discriminator = run.discriminator
     if discriminator is None and is_gan_checkpoint(run.generator_path):

