@@ -6,12 +6,16 @@ never read raw JSON fields themselves.
 Websocket ``/api/sessions/{id}/ws?token=...``:
 
 * client → server, text JSON: ``{"type": "sliders", "seq": 7, "values": {"age": 1.5}, "commit": false}``
-  (``type`` defaults to "sliders"; ``commit: true`` records the state in the undo history);
-  ``{"type": "ping"}``.
-* server → client, binary: a preview frame = ``b"FS"`` + 1 byte format (``1`` WebP, ``2`` JPEG) +
+  (``type`` defaults to "sliders"; ``values`` is the whole slider state; ``commit: true`` records it in
+  the undo history, e.g. when a slider is released); ``{"type": "undo", "seq": 8}``,
+  ``{"type": "redo", "seq": 9}``, ``{"type": "ping"}``.
+* server → client, binary: a frame = ``b"FS"`` + 1 byte kind (``1`` preview of the slider state with
+  that ``seq``, ``2`` intermediate image of a running job) + 1 byte format (``1`` WebP, ``2`` JPEG) +
   4 bytes big-endian ``seq`` + the encoded image.
-* server → client, text JSON: ``{"type": "progress", ...}``, ``{"type": "ready", ...}``,
-  ``{"type": "error", "code": ..., "message": ..., "seq": ...}``, ``{"type": "pong"}``.
+* server → client, text JSON: ``{"type": "state", ...}`` on connect, ``{"type": "progress", ...}``,
+  ``{"type": "ready"}``, ``{"type": "sliders", "seq": ..., "values": ...}`` after undo/redo,
+  ``{"type": "finalized", ...}``, ``{"type": "error", "code": ..., "message": ..., "seq": ...}``,
+  ``{"type": "pong"}``.
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ MAX_SLIDERS = 256
 MAX_SLIDER_NAME = 128
 SLIDER_LIMIT = 100.0
 FRAME_MAGIC = b"FS"
+FRAME_KINDS = {"preview": 1, "progress": 2}
 FRAME_FORMATS = {"webp": 1, "jpeg": 2}
-_FRAME_HEADER = struct.Struct(">2sBI")
+_FRAME_HEADER = struct.Struct(">2sBBI")
 
 
 class ApiError(Exception):
@@ -60,11 +65,19 @@ class SliderMessage:
 
 
 @dataclass(frozen=True)
+class HistoryMessage:
+    """Undo or redo the slider history; the answer and the new frame carry ``seq``."""
+
+    seq: int
+    action: str  # "undo" or "redo"
+
+
+@dataclass(frozen=True)
 class PingMessage:
     """A keep-alive; answered with a pong."""
 
 
-ClientMessage = SliderMessage | PingMessage
+ClientMessage = SliderMessage | HistoryMessage | PingMessage
 
 
 def parse_client_message(text: str | bytes, max_bytes: int) -> ClientMessage:
@@ -80,6 +93,8 @@ def parse_client_message(text: str | bytes, max_bytes: int) -> ClientMessage:
     kind = data.get("type", "sliders")
     if kind == "ping":
         return PingMessage()
+    if kind in ("undo", "redo"):
+        return HistoryMessage(seq=_parse_seq(data.get("seq")), action=kind)
     if kind != "sliders":
         raise bad_request(f"unknown message type {kind!r}", "malformed_message")
     return SliderMessage(
@@ -142,18 +157,31 @@ def parse_stage_switch(data: Any) -> tuple[str, str]:
     return stage, name
 
 
-def encode_frame(seq: int, image_bytes: bytes, image_format: str = "webp") -> bytes:
-    """Return a binary preview frame: magic, format byte, big-endian seq, image bytes."""
-    return _FRAME_HEADER.pack(FRAME_MAGIC, FRAME_FORMATS[image_format], seq) + image_bytes
+@dataclass(frozen=True)
+class Frame:
+    """A decoded binary frame."""
+
+    kind: str  # "preview" or "progress"
+    image_format: str  # "webp" or "jpeg"
+    seq: int
+    image: bytes
 
 
-def decode_frame(frame: bytes) -> tuple[int, str, bytes]:
-    """Return (seq, format, image bytes) of a binary preview frame (used by clients and tests)."""
-    magic, format_id, seq = _FRAME_HEADER.unpack_from(frame)
+def encode_frame(seq: int, image_bytes: bytes, image_format: str = "webp", kind: str = "preview") -> bytes:
+    """Return a binary frame: magic, kind byte, format byte, big-endian seq, image bytes."""
+    return _FRAME_HEADER.pack(FRAME_MAGIC, FRAME_KINDS[kind], FRAME_FORMATS[image_format], seq) + image_bytes
+
+
+def decode_frame(data: bytes) -> Frame:
+    """Return the parts of a binary frame (used by clients and tests)."""
+    if len(data) < _FRAME_HEADER.size:
+        raise ValueError("frame too short")
+    magic, kind_id, format_id, seq = _FRAME_HEADER.unpack_from(data)
     if magic != FRAME_MAGIC:
-        raise ValueError("not a fluidsrv preview frame")
-    names = {value: key for key, value in FRAME_FORMATS.items()}
-    return seq, names[format_id], frame[_FRAME_HEADER.size :]
+        raise ValueError("not a fluidsrv frame")
+    kinds = {value: key for key, value in FRAME_KINDS.items()}
+    formats = {value: key for key, value in FRAME_FORMATS.items()}
+    return Frame(kinds[kind_id], formats[format_id], seq, data[_FRAME_HEADER.size :])
 
 
 def event(kind: str, **fields: Any) -> str:

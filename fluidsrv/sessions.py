@@ -101,31 +101,42 @@ class SessionStateError(SessionError):
 
 @dataclass
 class SliderHistory:
-    """Bounded undo/redo stacks of whole slider states (oldest dropped first)."""
+    """Bounded undo/redo stacks of committed slider states (oldest dropped first).
+
+    ``committed`` is the newest committed state: live states sent while a slider is dragged are not
+    history, only the state at release (a commit) is.
+    """
 
     limit: int = 100
     undo_stack: list[dict[str, float]] = field(default_factory=list)
     redo_stack: list[dict[str, float]] = field(default_factory=list)
+    committed: dict[str, float] = field(default_factory=dict)
 
-    def push(self, previous: Mapping[str, float]) -> None:
-        """Record ``previous`` as the state to go back to; a new change clears the redo stack."""
-        self.undo_stack.append(dict(previous))
+    def commit(self, state: Mapping[str, float]) -> None:
+        """Make ``state`` the newest committed state; the previous one becomes undoable, redo is cleared."""
+        new = dict(state)
+        if new == self.committed:
+            return
+        self.undo_stack.append(self.committed)
         del self.undo_stack[: max(0, len(self.undo_stack) - self.limit)]
         self.redo_stack.clear()
+        self.committed = new
 
-    def undo(self, current: Mapping[str, float]) -> dict[str, float] | None:
-        """Return the previous state (``current`` goes to the redo stack), or None when there is none."""
+    def undo(self) -> dict[str, float] | None:
+        """Step back to the previous committed state and return it, or None when there is none."""
         if not self.undo_stack:
             return None
-        self.redo_stack.append(dict(current))
-        return self.undo_stack.pop()
+        self.redo_stack.append(self.committed)
+        self.committed = self.undo_stack.pop()
+        return dict(self.committed)
 
-    def redo(self, current: Mapping[str, float]) -> dict[str, float] | None:
-        """Return the state undone last (``current`` goes back to the undo stack), or None."""
+    def redo(self) -> dict[str, float] | None:
+        """Step forward to the state undone last and return it, or None."""
         if not self.redo_stack:
             return None
-        self.undo_stack.append(dict(current))
-        return self.redo_stack.pop()
+        self.undo_stack.append(self.committed)
+        self.committed = self.redo_stack.pop()
+        return dict(self.committed)
 
 
 @dataclass(eq=False)
@@ -178,17 +189,20 @@ class Session:
         return sum(tensor.numel() * tensor.element_size() for tensor in self.tensors().values())
 
     def set_sliders(self, values: Mapping[str, float], *, record: bool = True) -> None:
-        """Make ``values`` the slider state; with ``record`` the old state becomes undoable."""
+        """Make ``values`` the slider state; with ``record`` it is committed (the previous commit is undoable)."""
         new = {str(name): float(value) for name, value in values.items()}
         if not all(math.isfinite(value) for value in new.values()):
             raise ValueError("slider values must be finite numbers")
-        if record and new != self.sliders:
-            self.history.push(self.sliders)
+        if record:
+            self.history.commit(new)
         self.sliders = new
 
     def undo(self) -> bool:
-        """Go back one slider state; return whether there was one."""
-        previous = self.history.undo(self.sliders)
+        """Go back one step: first to the last commit if uncommitted changes are shown; return whether it moved."""
+        if self.sliders != self.history.committed:
+            self.sliders = dict(self.history.committed)
+            return True
+        previous = self.history.undo()
         if previous is None:
             return False
         self.sliders = previous
@@ -196,7 +210,7 @@ class Session:
 
     def redo(self) -> bool:
         """Re-apply the slider state undone last; return whether there was one."""
-        following = self.history.redo(self.sliders)
+        following = self.history.redo()
         if following is None:
             return False
         self.sliders = following
@@ -439,6 +453,11 @@ class SessionStore:
         with self._lock:
             return session_id in self._live or session_id in self._on_disk
 
+    def peek(self, session_id: str) -> Session | None:
+        """Return the in-memory session without authorising, touching or restoring it (None if spilled)."""
+        with self._lock:
+            return self._live.get(session_id)
+
     def is_in_memory(self, session_id: str) -> bool:
         """Whether the session is held in memory (not only on disk)."""
         with self._lock:
@@ -612,6 +631,7 @@ def _encode(session: Session) -> tuple[bytes, bytes, bytes]:
         "sliders": session.sliders,
         "undo": session.history.undo_stack,
         "redo": session.history.redo_stack,
+        "committed": session.history.committed,
         "meta": session.meta,
     }
     tensors = {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in session.tensors().items()}
@@ -640,7 +660,8 @@ def _decode(meta_bytes: bytes, array_bytes: bytes, tensor_bytes: bytes, *, devic
     alignment: Record | None = None
     if meta["alignment"] is not None:
         alignment = {**meta["alignment"], **group(arrays, "alignment/")}
-    history = SliderHistory(limit=history_limit, undo_stack=meta["undo"], redo_stack=meta["redo"])
+    history = SliderHistory(limit=history_limit, undo_stack=meta["undo"], redo_stack=meta["redo"],
+                            committed=meta.get("committed", meta["sliders"]))
     return Session(
         id=meta["id"], token_digest=meta["token_digest"], created_at=meta["created_at"],
         last_used=meta["last_used"], upload=arrays["upload"].tobytes(), image=arrays.get("image"),

@@ -81,7 +81,7 @@ def test_faces_reports_an_unavailable_detector(shared_dir: Path, capsys: pytest.
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
-        (["--detector", "nosuch"], "unknown detector plugin 'nosuch'"),
+        (["--detector", "nosuch"], "nosuch: unknown"),
         (["--option", "novalue"], "KEY=VALUE"),
         (["--size", "4"], "--size"),
     ],

@@ -315,6 +315,7 @@ def test_undo_redo_history_is_bounded(tmp_path: Path) -> None:
     session.set_sliders({"age": 5.0})  # unchanged: not recorded
     session.set_sliders({"age": 6.0}, record=False)  # e.g. mid-drag
     assert len(session.history.undo_stack) == 3
+    assert session.undo() and session.sliders == {"age": 5.0}  # the uncommitted drag goes first
     assert session.undo() and session.sliders == {"age": 4.0}
     assert session.undo() and session.undo() and session.sliders == {"age": 2.0}
     assert not session.undo()
@@ -323,6 +324,20 @@ def test_undo_redo_history_is_bounded(tmp_path: Path) -> None:
     assert not session.redo()
     with pytest.raises(ValueError, match="finite"):
         session.set_sliders({"age": float("nan")})
+
+
+def test_a_drag_and_its_release_are_one_undo_step(tmp_path: Path) -> None:
+    store = SessionStore(tmp_path)
+    session, token = store.create()
+    session.set_sliders({"age": 1.0})
+    for value in (1.5, 2.0, 2.5):  # live states while dragging
+        session.set_sliders({"age": value}, record=False)
+    session.set_sliders({"age": 2.5})  # release: the commit equals the live state
+    assert session.undo() and session.sliders == {"age": 1.0}
+    assert session.redo() and session.sliders == {"age": 2.5}
+    store.evict_idle()  # the history survives a spill to disk
+    restored = store.get(session.id, token)
+    assert restored.undo() and restored.sliders == {"age": 1.0}
 
 
 def test_concurrent_access_from_threads_keeps_every_session_intact(tmp_path: Path) -> None:

@@ -52,9 +52,9 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--size must be at least 16, got {args.size}")
     settings = Settings.from_env(detector=args.detector, device=args.device)
     photo = read_photo(args.photo, settings.max_pixels)
-    detector = build_detector(settings, settings.detector, parse_options(args.option))
+    name, detector = build_detector(settings, parse_options(args.option))
     faces = detector.detect(photo)
-    print(f"{args.photo.name}: {photo.shape[1]}x{photo.shape[0]}, {len(faces)} face(s) by {settings.detector}")
+    print(f"{args.photo.name}: {photo.shape[1]}x{photo.shape[0]}, {len(faces)} face(s) by {name}")
     for index, face in enumerate(faces):
         print(f"  {describe_face(index, face)}")
     if args.save_aligned is not None:
@@ -88,24 +88,31 @@ def read_photo(path: Path, max_pixels: int) -> np.ndarray:
         raise CliError(f"{path}: {error}") from None
 
 
-def build_detector(settings: Any, name: str, options: dict[str, str]) -> Any:
-    """Return a new detector ``name`` built through the plugin manager, or raise CliError with the reason."""
+def build_detector(settings: Any, options: dict[str, str]) -> tuple[str, Any]:
+    """Return (name, detector) of the first available configured detector, with ``options`` added to its own.
+
+    Raises CliError with every candidate's reason when none is available.
+    """
     import torch
 
     from fluidsrv.plugins import PluginError, StageCatalog, build_plugin_manager
     from fluidsrv.stages import PluginContext
 
     context = PluginContext(
-        device=torch.device(settings.resolved_device()),
-        weights_dir=settings.weights_dir,
-        cache_dir=settings.cache_dir,
-        options=options,
+        device=torch.device(settings.resolved_device()), weights_dir=settings.weights_dir, cache_dir=settings.cache_dir
     )
-    catalog = StageCatalog(build_plugin_manager(settings.plugin_allow), context)
-    try:
-        return catalog.create("detector", name)
-    except PluginError as error:
-        raise CliError(str(error)) from None
+    catalog = StageCatalog(build_plugin_manager(settings.plugin_allow), context, settings.plugin_options)
+    reasons = []
+    for name in settings.stage_preferences("detector"):
+        if name not in catalog.names("detector"):
+            reasons.append(f"{name}: unknown (known: {', '.join(sorted(catalog.names('detector')))})")
+            continue
+        merged = {**catalog.configured_options("detector", name), **options}
+        try:
+            return name, catalog.create("detector", name, merged)
+        except PluginError as error:
+            reasons.append(str(error))
+    raise CliError("no detector is available: " + "; ".join(reasons))
 
 
 def describe_face(index: int, face: Face) -> str:

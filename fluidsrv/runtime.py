@@ -1,0 +1,262 @@
+"""What the server loads once and shares between sessions: the base generator, the active stage plugins,
+the edit directions, and a small cache of per-session tuned models.
+
+Everything here that touches the device is called on the executor's worker thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fluidsrv import latents
+from fluidsrv.models.stylegan2 import Generator, GeneratorConfig
+from fluidsrv.plugins import PluginError, StageCatalog, build_plugin_manager
+from fluidsrv.sessions import Session
+from fluidsrv.settings import Settings
+from fluidsrv.stages import Direction, PluginContext, PreviewRenderer
+from fluidsrv.weights import load_generator
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_GENERATOR_FILE = "generator-128.safetensors"
+TEXT_SOURCE = "clip"
+SINGLE_STAGES = ("detector", "encoder", "segmenter", "inpainter", "previewer")
+"""Stages with exactly one active implementation (directions may come from several sources)."""
+
+
+@dataclass(frozen=True)
+class GeneratorSource:
+    """Where the base generator came from, for ``/api/config`` and the logs."""
+
+    description: str
+    trained: bool
+
+
+def random_generator_config(resolution: int) -> GeneratorConfig:
+    """Return a small config of the real architecture, for development and tests (``generator="random:RES"``)."""
+    channels = {2**i: (64 if 2**i <= 16 else 32) for i in range(2, resolution.bit_length())}
+    return GeneratorConfig(resolution=resolution, w_dim=64, n_mapping=2, channels=channels)
+
+
+def build_random_generator(config: GeneratorConfig, seed: int = 0) -> Generator:
+    """Return a randomly initialised generator (reproducible for ``seed``) with its w_avg estimated."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        generator = Generator(config)
+    generator.estimate_w_avg(num_samples=2_000)
+    return generator
+
+
+def load_base_generator(spec: str, weights_dir: Path) -> tuple[Generator, GeneratorSource]:
+    """Return the generator named by ``spec``: "embedded", "random:RES" or a checkpoint path (on CPU)."""
+    if spec.startswith("random:"):
+        resolution = int(spec.split(":", 1)[1])
+        generator = build_random_generator(random_generator_config(resolution))
+        return generator, GeneratorSource(f"random {resolution}px generator (untrained)", trained=False)
+    if spec == "embedded":
+        path = weights_dir / EMBEDDED_GENERATOR_FILE
+        if not path.is_file():
+            from fluidsrv.training.configs import get_config
+
+            log.warning("%s is missing: serving an UNTRAINED generator of the embedded architecture", path)
+            generator = build_random_generator(get_config("embedded-128").generator)
+            return generator, GeneratorSource(f"untrained embedded-128 ({path.name} is missing)", trained=False)
+    else:
+        path = Path(spec).expanduser()
+    generator, _ = load_generator(path)
+    return generator, GeneratorSource(str(path), trained=True)
+
+
+class TunedModels:
+    """A small LRU cache of per-session tuned generators and preview renderers, rebuilt on demand."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[str, tuple[int, Generator, PreviewRenderer]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, session_id: str, version: int) -> tuple[Generator, PreviewRenderer] | None:
+        """Return the cached models of ``session_id`` if they are of ``version``."""
+        with self._lock:
+            entry = self._entries.get(session_id)
+            if entry is None or entry[0] != version:
+                return None
+            self._entries.move_to_end(session_id)
+            return entry[1], entry[2]
+
+    def put(self, session_id: str, version: int, generator: Generator, renderer: PreviewRenderer) -> None:
+        """Cache the models of ``session_id``, dropping the least recently used beyond capacity."""
+        with self._lock:
+            self._entries[session_id] = (version, generator, renderer)
+            self._entries.move_to_end(session_id)
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+
+    def forget(self, session_id: str) -> None:
+        """Drop the cached models of ``session_id``."""
+        with self._lock:
+            self._entries.pop(session_id, None)
+
+    def clear(self) -> int:
+        """Drop every cached model; return how many sessions had one."""
+        with self._lock:
+            count = len(self._entries)
+            self._entries.clear()
+            return count
+
+
+class Runtime:
+    """The loaded models and plugins of a running server."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        generator: Generator,
+        source: GeneratorSource,
+        catalog: StageCatalog,
+        *,
+        tuned_capacity: int = 8,
+    ) -> None:
+        self.settings = settings
+        self.device = torch.device(settings.resolved_device())
+        self.generator = generator.to(self.device).eval().requires_grad_(False)
+        self.source = source
+        self.catalog = catalog
+        self.tuned = TunedModels(tuned_capacity)
+        self.directions: dict[str, Direction] = {}
+        self.direction_sources: list[str] = []
+        self.spread = latents.latent_spread(self.generator)
+        self._text_source: Any = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def build(cls, settings: Settings) -> Runtime:
+        """Load the generator and the plugins named in ``settings`` (slow: call off the event loop)."""
+        generator, source = load_base_generator(settings.generator, settings.weights_dir)
+        device = torch.device(settings.resolved_device())
+        context = PluginContext(device=device, weights_dir=settings.weights_dir, cache_dir=settings.cache_dir)
+        pm = build_plugin_manager(settings.plugin_allow)
+        catalog = StageCatalog(pm, context, settings.plugin_options)
+        runtime = cls(settings, generator, source, catalog)
+        for stage in SINGLE_STAGES:
+            name = catalog.first_available(stage, settings.stage_preferences(stage))
+            catalog.activate(stage, name)
+            log.info("%s: %s", stage, name)
+        runtime.load_directions(settings.stage_preferences("directions"))
+        return runtime
+
+    def stage(self, stage: str) -> Any:
+        """Return the active implementation of ``stage``."""
+        return self.catalog.active(stage)[1]
+
+    def active_stages(self) -> dict[str, Any]:
+        """Return the active plugin name of every stage (a list of sources for directions)."""
+        active: dict[str, Any] = {stage: self.catalog.active_name(stage) for stage in SINGLE_STAGES}
+        active["directions"] = list(self.direction_sources)
+        return active
+
+    def load_directions(self, sources: list[str]) -> None:
+        """Collect the directions of every available source in ``sources`` (unavailable ones are skipped)."""
+        directions: dict[str, Direction] = {}
+        used = []
+        for name in sources:
+            if name not in self.catalog.names("directions"):
+                log.warning("direction source %r is not installed", name)
+                continue
+            reason = self.catalog.unavailable_reason("directions", name)
+            if reason is not None:
+                log.info("direction source %s is unavailable: %s", name, reason)
+                continue
+            source = self.catalog.create("directions", name)
+            for direction in source.directions(self.generator):
+                if direction.name in directions:  # two sources used one name: keep both, qualified
+                    direction = replace(direction, name=f"{name}:{direction.name}")
+                directions[direction.name] = direction
+            used.append(name)
+        if not directions:
+            raise PluginError(f"no direction source produced directions (tried {', '.join(sources)})")
+        with self._lock:
+            self.directions, self.direction_sources = directions, used
+
+    def add_directions(self, new: list[Direction]) -> None:
+        """Offer ``new`` directions as sliders too (same names replace older ones)."""
+        with self._lock:
+            self.directions = {**self.directions, **{direction.name: direction for direction in new}}
+
+    def sefa_directions(self, layers: tuple[int, int], k: int) -> list[Direction]:
+        """Compute the top-``k`` SeFa directions of a layer range and offer them as sliders."""
+        start, stop = layers
+        source = self.catalog.create("directions", "sefa", {"layers": f"{start}:{stop}", "k": k})
+        found: list[Direction] = source.directions(self.generator)
+        self.add_directions(found)
+        return found
+
+    def text_direction(self, prompt: str, layers: tuple[int, int] | None) -> Direction:
+        """Find the direction of a text prompt with the CLIP plugin and offer it as a slider."""
+        with self._lock:
+            source = self._text_source
+        if source is None:
+            source = self.catalog.create("directions", TEXT_SOURCE)
+            with self._lock:
+                self._text_source = source
+        direction: Direction = source.direction_for(self.generator, prompt)
+        if layers is not None:
+            start, stop = layers
+            direction = replace(direction, name=f"{direction.name}@{start}:{stop}", layers=layers)
+        self.add_directions([direction])
+        return direction
+
+    def text_unavailable(self) -> str | None:
+        """Why text-prompt directions cannot be made, or None when they can."""
+        if TEXT_SOURCE not in self.catalog.names("directions"):
+            return "the CLIP direction plugin is not installed"
+        return self.catalog.unavailable_reason("directions", TEXT_SOURCE)
+
+    def switch_stage(self, stage: str, name: str) -> None:
+        """Make ``name`` the active ``stage`` plugin; on failure the previous one stays active."""
+        if stage == "directions":
+            self.load_directions([name])
+            return
+        if stage not in SINGLE_STAGES:
+            raise PluginError(f"unknown stage {stage!r}")
+        self.catalog.activate(stage, name)
+        if stage == "previewer":
+            self.tuned.clear()
+
+    def session_models(self, session: Session) -> tuple[Generator, PreviewRenderer]:
+        """Return the session's tuned generator and preview renderer, rebuilding them after a restore."""
+        version = int(session.meta.get("model_version", 0))
+        cached = self.tuned.get(session.id, version)
+        if cached is not None:
+            return cached
+        from fluidsrv.pti import apply_delta
+
+        generator = apply_delta(self.generator, session.generator_delta) if session.generator_delta else self.generator
+        renderer = self.stage("previewer").restore(generator, session.student_state)
+        self.tuned.put(session.id, version, generator, renderer)
+        return generator, renderer
+
+    def remember_models(self, session: Session, generator: Generator, renderer: PreviewRenderer) -> None:
+        """Cache freshly built models of ``session`` under a new version number."""
+        version = int(session.meta.get("model_version", 0)) + 1
+        session.meta = {**session.meta, "model_version": version}
+        self.tuned.put(session.id, version, generator, renderer)
+
+    def describe(self) -> dict[str, Any]:
+        """Return the JSON-ready description of the models for ``/api/config``."""
+        generator = self.generator
+        return {
+            "source": self.source.description,
+            "trained": self.source.trained,
+            "resolution": generator.resolution,
+            "num_ws": generator.num_ws,
+            "w_dim": generator.w_dim,
+            "device": str(self.device),
+        }

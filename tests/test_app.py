@@ -1,0 +1,252 @@
+"""The REST API and the websocket through Starlette's TestClient, on a tiny random generator."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from starlette.testclient import TestClient
+
+from fluidsrv.app import create_app
+from fluidsrv.protocol import Frame
+from fluidsrv.runtime import Runtime
+from fluidsrv.settings import Settings
+from tests.server_support import SMALL_PHOTO, gradient_image, png_bytes, receive_until, small_settings
+
+
+@pytest.fixture(scope="module")
+def runtime(tmp_path_factory: pytest.TempPathFactory) -> Runtime:
+    return Runtime.build(small_settings(tmp_path_factory.mktemp("runtime")))
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return small_settings(tmp_path)
+
+
+@pytest.fixture
+def client(settings: Settings, runtime: Runtime) -> Iterator[TestClient]:
+    with TestClient(create_app(settings, runtime=runtime)) as test_client:
+        yield test_client
+
+
+@pytest.fixture(scope="module")
+def photo(shared_dir: Path) -> bytes:
+    return (shared_dir / "photos" / SMALL_PHOTO).read_bytes()
+
+
+def upload(client: TestClient, data: bytes, filename: str = "photo.jpg") -> dict:
+    response = client.post("/api/sessions", files={"file": (filename, data, "image/jpeg")})
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def auth(created: dict) -> dict[str, str]:
+    return {"Authorization": f"Bearer {created['token']}"}
+
+
+def prepare(client: TestClient, created: dict) -> None:
+    """Pick face 0 and wait on the websocket until it is ready."""
+    response = client.post(f"/api/sessions/{created['session_id']}/face", json={"index": 0}, headers=auth(created))
+    assert response.status_code == 202, response.text
+    with client.websocket_connect(f"/api/sessions/{created['session_id']}/ws?token={created['token']}") as socket:
+        state = json.loads(socket.receive_text())
+        if state["status"] != "ready":
+            receive_until(socket, "ready")
+
+
+def test_health_and_config_list_plugins_with_reasons(client: TestClient) -> None:
+    assert client.get("/api/health").json()["status"] == "ok"
+    config = client.get("/api/config").json()
+    assert config["generator"]["trained"] is False and config["generator"]["resolution"] == 32
+    plugins = {(info["stage"], info["name"]): info for info in config["plugins"]}
+    assert plugins[("detector", "dlib")]["available"] is True
+    unavailable = [info for info in config["plugins"] if not info["available"]]
+    assert unavailable and all(info["reason"] for info in unavailable)
+    assert config["active"]["detector"] == "dlib" and config["active"]["directions"] == ["sefa"]
+    assert config["limits"]["max_sessions"] == 8
+
+
+def test_upload_returns_faces_with_thumbnails_and_a_token(client: TestClient, photo: bytes) -> None:
+    created = upload(client, photo, "portrait.jpg")
+    assert len(created["token"]) >= 40 and created["status"] == "uploaded"
+    assert created["faces"] and created["faces"][0]["thumbnail"].startswith("data:image/jpeg;base64,")
+    with Image.open(io.BytesIO(photo)) as image:
+        assert (created["width"], created["height"]) == image.size
+    state = client.get(f"/api/sessions/{created['session_id']}", headers=auth(created)).json()
+    assert state["filename"] == "portrait.jpg" and "token" not in state
+    # the raw body works as well as multipart
+    raw = client.post("/api/sessions?filename=raw.jpg", content=photo, headers={"Content-Type": "image/jpeg"})
+    assert raw.status_code == 201 and raw.json()["filename"] == "raw.jpg"
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "code"),
+    [
+        (b"this is not an image at all", 415, "unsupported_type"),
+        (b"", 400, "empty_upload"),
+        (png_bytes(gradient_image()), 422, "no_face"),
+    ],
+)
+def test_bad_uploads_get_clear_errors_and_create_nothing(
+    client: TestClient, data: bytes, status: int, code: str
+) -> None:
+    response = client.post("/api/sessions", files={"file": ("x.png", data, "image/png")})
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert error["code"] == code and error["message"]
+    assert client.get("/api/stats").json()["sessions"]["in_memory"] == 0
+
+
+def test_too_large_uploads_are_refused(settings: Settings, runtime: Runtime, photo: bytes) -> None:
+    limited = Settings(**{**vars(settings), "max_upload_bytes": 10_000, "max_pixels": 100_000})
+    with TestClient(create_app(limited, runtime=runtime)) as client:
+        response = client.post("/api/sessions", files={"file": ("big.jpg", photo + b"\0" * 20_000, "image/jpeg")})
+        assert response.status_code == 413 and response.json()["error"]["code"] == "upload_too_large"
+        big_pixels = png_bytes(np.zeros((400, 400, 3), np.uint8))
+        response = client.post("/api/sessions", content=big_pixels, headers={"Content-Type": "image/png"})
+        assert response.status_code == 413 and response.json()["error"]["code"] == "image_too_large"
+
+
+def test_unknown_session_and_bad_token(client: TestClient, photo: bytes) -> None:
+    created = upload(client, photo)
+    missing = client.get("/api/sessions/" + "0" * 32, headers=auth(created))
+    assert missing.status_code == 404 and missing.json()["error"]["code"]
+    wrong = client.get(f"/api/sessions/{created['session_id']}", headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401
+    no_token = client.get(f"/api/sessions/{created['session_id']}")
+    assert no_token.status_code == 401
+    with client.websocket_connect(f"/api/sessions/{created['session_id']}/ws?token=wrong") as socket:
+        assert json.loads(socket.receive_text())["type"] == "error"
+
+
+def test_too_many_sessions(settings: Settings, runtime: Runtime, photo: bytes) -> None:
+    limited = Settings(**{**vars(settings), "max_sessions": 1})
+    with TestClient(create_app(limited, runtime=runtime)) as client:
+        upload(client, photo)
+        response = client.post("/api/sessions", files={"file": ("a.jpg", photo, "image/jpeg")})
+        assert response.status_code == 429 and response.json()["error"]["code"]
+
+
+def test_bad_face_index_and_not_ready(client: TestClient, photo: bytes) -> None:
+    created = upload(client, photo)
+    base = f"/api/sessions/{created['session_id']}"
+    assert client.post(f"{base}/face", json={"index": 99}, headers=auth(created)).status_code == 422
+    assert client.post(f"{base}/face", content=b"{not json", headers=auth(created)).status_code == 422
+    assert client.post(f"{base}/finalize", headers=auth(created)).status_code == 409
+    assert client.get(f"{base}/result", headers=auth(created)).status_code == 404
+
+
+def test_full_edit_flow_preview_undo_finalize(client: TestClient, photo: bytes) -> None:
+    created = upload(client, photo)
+    base = f"/api/sessions/{created['session_id']}"
+    response = client.post(f"{base}/face", json={"index": 0}, headers=auth(created))
+    assert response.status_code == 202
+    directions = client.get("/api/directions").json()["directions"]
+    assert len(directions) >= 2
+    first, second = directions[0]["name"], directions[1]["name"]
+    with client.websocket_connect(f"{base}/ws?token={created['token']}") as socket:
+        state = json.loads(socket.receive_text())
+        assert state["type"] == "state"
+        if state["status"] != "ready":
+            _, before = receive_until(socket, "ready")
+            assert any(isinstance(item, dict) and item["type"] == "progress" for item in before)
+        socket.send_text(json.dumps({"seq": 1, "values": {first: 0.0}, "commit": True}))
+        frame0 = next_preview(socket)
+        socket.send_text(json.dumps({"seq": 2, "values": {first: 3.0, second: -2.0}, "commit": True}))
+        frame1 = next_preview(socket)
+        assert (frame0.seq, frame1.seq) == (1, 2)
+        pixels0, pixels1 = decode(frame0), decode(frame1)
+        assert pixels0.shape == (32, 32, 3)
+        assert np.abs(pixels0.astype(int) - pixels1.astype(int)).mean() > 1.0  # the slider changed the face
+        socket.send_text(json.dumps({"type": "undo", "seq": 3}))
+        answer, _ = receive_until(socket, "sliders")
+        assert answer["changed"] and answer["values"].get(first, 0.0) == 0.0
+        frame2 = next_preview(socket)
+        assert frame2.seq == 3 and np.array_equal(decode(frame2), pixels0)  # undo restores the earlier frame
+        socket.send_text(json.dumps({"type": "redo", "seq": 4}))
+        receive_until(socket, "sliders")
+        assert np.array_equal(decode(next_preview(socket)), pixels1)
+    finalized = client.post(f"{base}/finalize", headers=auth(created))
+    assert finalized.status_code == 200, finalized.text
+    download = client.get(finalized.json()["result"], headers=auth(created))
+    assert download.status_code == 200 and download.headers["content-type"] == "image/jpeg"
+    with Image.open(io.BytesIO(download.content)) as result, Image.open(io.BytesIO(photo)) as original:
+        assert result.format == "JPEG" and result.size == original.size
+
+
+def test_broken_websocket_messages_get_error_events(client: TestClient, photo: bytes) -> None:
+    created = upload(client, photo)
+    prepare(client, created)
+    url = f"/api/sessions/{created['session_id']}/ws?token={created['token']}"
+    with client.websocket_connect(url) as socket:
+        receive_until(socket, "state")
+        for bad in ["{not json", "[1, 2]", '{"seq": -1, "values": {}}', '{"seq": 1, "values": {"x": "big"}}',
+                    '{"seq": 1, "values": {"nope": 1.0}}', '{"type": "explode"}', '{"seq": 1, "values": {"a": 1e999}}']:
+            socket.send_text(bad)
+            error, _ = receive_until(socket, "error")
+            assert error["code"] and error["message"]
+        socket.send_bytes(b"\x00\x01")
+        assert receive_until(socket, "error")[0]["code"] == "malformed_message"
+        socket.send_text("x" * 100_000)
+        assert receive_until(socket, "error")[0]["code"] == "message_too_large"
+        socket.send_text(json.dumps({"type": "ping"}))
+        receive_until(socket, "pong")  # still alive
+
+
+def test_delete_removes_the_session(client: TestClient, photo: bytes) -> None:
+    created = upload(client, photo)
+    base = f"/api/sessions/{created['session_id']}"
+    assert client.delete(base, headers=auth(created)).status_code == 204
+    assert client.get(base, headers=auth(created)).status_code == 404
+    assert client.get("/api/stats").json()["sessions"]["in_memory"] == 0
+
+
+def test_switching_a_stage_rolls_back_on_failure(client: TestClient) -> None:
+    failed = client.post("/api/config/stages", json={"stage": "detector", "name": "insightface"})
+    assert failed.status_code == 422 and "insightface" in failed.json()["error"]["message"]
+    assert client.get("/api/config").json()["active"]["detector"] == "dlib"
+    unknown = client.post("/api/config/stages", json={"stage": "detector", "name": "no-such-plugin"})
+    assert unknown.status_code == 422
+    switched = client.post("/api/config/stages", json={"stage": "inpainter", "name": "navier-stokes"})
+    assert switched.status_code == 200 and switched.json()["active"]["inpainter"] == "navier-stokes"
+
+
+def test_a_restarted_server_restores_sessions(settings: Settings, runtime: Runtime, photo: bytes) -> None:
+    with TestClient(create_app(settings, runtime=runtime)) as client:
+        created = upload(client, photo)
+        prepare(client, created)
+    with TestClient(create_app(settings, runtime=runtime)) as client:
+        state = client.get(f"/api/sessions/{created['session_id']}", headers=auth(created)).json()
+        assert state["status"] == "ready" and state["faces"]
+        url = f"/api/sessions/{created['session_id']}/ws?token={created['token']}"
+        with client.websocket_connect(url) as socket:
+            receive_until(socket, "state")
+            name = client.get("/api/directions").json()["directions"][0]["name"]
+            socket.send_text(json.dumps({"seq": 7, "values": {name: 1.0}}))
+            assert next_preview(socket).seq == 7
+
+
+def next_preview(socket: object) -> Frame:
+    for _ in range(200):
+        message = socket.receive()  # type: ignore[attr-defined]
+        if message.get("bytes") is not None:
+            from fluidsrv.protocol import decode_frame
+
+            frame = decode_frame(message["bytes"])
+            if frame.kind == "preview":
+                return frame
+        elif message.get("text") is not None:
+            data = json.loads(message["text"])
+            assert data["type"] != "error", data
+    raise AssertionError("no preview frame arrived")
+
+
+def decode(frame: Frame) -> np.ndarray:
+    with Image.open(io.BytesIO(frame.image)) as image:
+        return np.asarray(image.convert("RGB"))
