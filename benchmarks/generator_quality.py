@@ -25,7 +25,6 @@ drawn at random (``--seed``) from the training split (ids < 44,000). Prints a ta
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 from scipy import linalg
 
+from fluidsrv import dlib_faces
 from fluidsrv.models.stylegan2 import Generator
 from fluidsrv.settings import REPO_ROOT
 from fluidsrv.training.data import FaceShardDataset
@@ -53,36 +53,6 @@ GRID_COLUMNS, GRID_ROWS = 8, 4
 DETECTOR_UPSAMPLE = 1
 
 
-def dlib_model_dir() -> Path:
-    """Return the folder of the face-recognition-models package's ``.dat`` files (without importing it)."""
-    spec = importlib.util.find_spec("face_recognition_models")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("face-recognition-models is not installed")
-    return Path(next(iter(spec.submodule_search_locations))) / "models"
-
-
-class DlibFaces:
-    """dlib's HOG detector, 68-point predictor and ResNet face-recognition embedder."""
-
-    def __init__(self) -> None:
-        import dlib
-
-        models = dlib_model_dir()
-        self.detector = dlib.get_frontal_face_detector()
-        self.predictor = dlib.shape_predictor(str(models / "shape_predictor_68_face_landmarks.dat"))
-        self.embedder = dlib.face_recognition_model_v1(str(models / "dlib_face_recognition_resnet_model_v1.dat"))
-
-    def detect(self, image: np.ndarray) -> list[Any]:
-        """HOG detections in a uint8 RGB ``[H, W, 3]`` image, largest first."""
-        detections = list(self.detector(image, DETECTOR_UPSAMPLE))
-        return sorted(detections, key=lambda box: box.width() * box.height(), reverse=True)
-
-    def embed(self, image: np.ndarray, detection: Any) -> np.ndarray:
-        """The 128-d embedding ``[128]`` of the face in ``detection``."""
-        shape = self.predictor(image, detection)
-        return np.asarray(self.embedder.compute_face_descriptor(image, shape), dtype=np.float64)
-
-
 @dataclass
 class FaceStats:
     """Detection flags of a set of images and the embeddings of those with a face."""
@@ -96,15 +66,15 @@ class FaceStats:
         return float(self.detected.mean())
 
 
-def analyse(faces: DlibFaces, images: np.ndarray, embed_first: int) -> FaceStats:
+def analyse(images: np.ndarray, embed_first: int) -> FaceStats:
     """Detect faces in uint8 images ``[N, H, W, 3]``; embed the largest face of each of the first ``embed_first``."""
     detected = np.zeros(len(images), dtype=bool)
     embeddings = []
     for index, image in enumerate(images):
-        found = faces.detect(np.ascontiguousarray(image))
+        found = dlib_faces.detect(image, upsample=DETECTOR_UPSAMPLE)
         detected[index] = bool(found)
         if found and index < embed_first:
-            embeddings.append(faces.embed(image, found[0]))
+            embeddings.append(dlib_faces.embedding(image, found[0]))
     return FaceStats(detected, np.asarray(embeddings, dtype=np.float64).reshape(-1, 128))
 
 
@@ -166,7 +136,6 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
     generator = load_any_generator(args.generator, device)
     args.out.mkdir(parents=True, exist_ok=True)
-    faces = DlibFaces()
     started = time.perf_counter()
     results: dict[str, Any] = {
         "generator": str(args.generator),
@@ -182,12 +151,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         samples[psi] = generate(generator, count, psi, args.seed, args.batch)
         grid = torch.from_numpy(samples[psi][: GRID_COLUMNS * GRID_ROWS]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         save_image_grid(grid, args.out / f"samples-psi{psi:.1f}.png", GRID_COLUMNS)
-    generated = analyse(faces, samples[1.0], embed_first=args.n_fd)
+    generated = analyse(samples[1.0], embed_first=args.n_fd)
     results["detection_rate_psi1.0"] = float(generated.detected[: args.n_detect].mean())
-    results["detection_rate_psi0.7"] = analyse(faces, samples[0.7][: args.n_detect], embed_first=0).rate
+    results["detection_rate_psi0.7"] = analyse(samples[0.7][: args.n_detect], embed_first=0).rate
 
     real_a, real_b = real_faces(args.data, args.n_fd, args.seed, generator.resolution)
-    stats_a, stats_b = analyse(faces, real_a, args.n_fd), analyse(faces, real_b, args.n_fd)
+    stats_a, stats_b = analyse(real_a, args.n_fd), analyse(real_b, args.n_fd)
     generated_fd = FaceStats(generated.detected[: args.n_fd], generated.embeddings)
     results["detection_rate_real"] = float(np.concatenate([stats_a.detected, stats_b.detected]).mean())
     results["fd_dlib"] = _finite_or_none(frechet_distance(stats_a.embeddings, generated_fd.embeddings))

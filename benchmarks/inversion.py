@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import json
-import math
 import os
 import platform
 import statistics
@@ -43,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fluidsrv import dlib_faces
 from fluidsrv.models.stylegan2 import Generator
 from fluidsrv.perceptual import ImageDistance, inversion_distance, ms_ssim, psnr
 from fluidsrv.plugins import StageCatalog, build_plugin_manager
@@ -107,53 +106,6 @@ def to_pixels(image: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(pixels.numpy())
 
 
-# ------------------------------------------------------------------------------------------------ identity
-
-
-def model_file(name: str) -> Path:
-    """A model file shipped by ``face-recognition-models`` (found without importing it: it needs pkg_resources)."""
-    spec = importlib.util.find_spec("face_recognition_models")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("face-recognition-models is not installed (pip install face-recognition-models)")
-    return Path(next(iter(spec.submodule_search_locations))) / "models" / name
-
-
-class DlibIdentity:
-    """dlib's 128-d face embedding distance between an aligned face and its reconstruction."""
-
-    def __init__(self) -> None:
-        import dlib
-
-        self.dlib: Any = dlib
-        self.detector = dlib.get_frontal_face_detector()
-        self.shapes = dlib.shape_predictor(str(model_file("shape_predictor_68_face_landmarks.dat")))
-        self.embedder = dlib.face_recognition_model_v1(str(model_file("dlib_face_recognition_resnet_model_v1.dat")))
-
-    def face_box(self, pixels: np.ndarray) -> Any:
-        """The face rectangle on an aligned original (detected at ≥ 256 px), or the FFHQ crop's usual face area."""
-        scale = max(1, math.ceil(256 / pixels.shape[0]))
-        big = np.ascontiguousarray(pixels.repeat(scale, axis=0).repeat(scale, axis=1))
-        found = self.detector(big, 1)
-        if len(found) > 0:
-            rect = max(found, key=lambda r: r.area())
-            return self.dlib.rectangle(
-                rect.left() // scale, rect.top() // scale, rect.right() // scale, rect.bottom() // scale
-            )
-        side = pixels.shape[0]
-        return self.dlib.rectangle(round(0.22 * side), round(0.28 * side), round(0.78 * side), round(0.86 * side))
-
-    def embedding(self, pixels: np.ndarray, box: Any) -> np.ndarray:
-        """The 128-d embedding of the face in ``box`` (landmarks predicted on these pixels)."""
-        pixels = np.ascontiguousarray(pixels)
-        shape = self.shapes(pixels, box)
-        return np.asarray(self.embedder.compute_face_descriptor(pixels, shape), dtype=np.float64)
-
-    def distance(self, original: np.ndarray, reconstruction: np.ndarray) -> float:
-        """Embedding distance of ``reconstruction`` to ``original`` (< 0.6: the same person for dlib)."""
-        box = self.face_box(original)
-        return float(np.linalg.norm(self.embedding(original, box) - self.embedding(reconstruction, box)))
-
-
 # ------------------------------------------------------------------------------------------------ methods
 
 
@@ -205,7 +157,6 @@ def measure(
     name: str,
     method: Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, Any]]],
     faces: list[TestFace],
-    identity: DlibIdentity,
     device: torch.device,
 ) -> list[dict[str, Any]]:
     """Run ``method`` on every face and return one row of metrics each."""
@@ -225,7 +176,7 @@ def measure(
                 "seconds": seconds,
                 "psnr": float(psnr(reconstruction, target)),
                 "ms_ssim": float(ms_ssim(reconstruction, target)) if face.pixels.shape[0] >= 48 else None,
-                "identity": identity.distance(face.pixels, to_pixels(reconstruction)),
+                "identity": dlib_faces.identity_distance(face.pixels, to_pixels(reconstruction)),
                 **extra,
             }
         )
@@ -364,7 +315,6 @@ def main(argv: list[str] | None = None) -> int:
         faces += photo_faces(args.photos, resolution, args.photo_limit, detector)
     if not faces:
         raise SystemExit("no faces to invert (check --data / --photos)")
-    identity = DlibIdentity()
     methods = Methods(generator, encoder, projector, distance, args.pti_steps)
     wanted = [name.strip() for name in args.methods.split(",") if name.strip()]
     runs: dict[str, Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, Any]]]] = {}
@@ -388,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     summary = {}
     for name, method in runs.items():
-        method_rows = measure(name, method, faces, identity, device)
+        method_rows = measure(name, method, faces, device)
         rows += method_rows
         summary[name] = summarise(method_rows)
     report = {

@@ -29,8 +29,9 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from fluidsrv import __version__, app_tools, pipeline
 from fluidsrv.app_tools import direction_dict, features
 from fluidsrv.convert import encode_preview
+from fluidsrv.errors import UserError
 from fluidsrv.executor import SUPERSEDED, ExecutorError, GpuExecutor, Priority
-from fluidsrv.image_io import ImageError, decode_image, encode_image, face_thumbnail
+from fluidsrv.image_io import decode_image, encode_image, face_thumbnail
 from fluidsrv.plugins import PluginError
 from fluidsrv.protocol import (
     ApiError,
@@ -441,7 +442,7 @@ async def session_socket(socket: WebSocket) -> None:
     try:
         session = await server.open_session(socket)
     except SessionError as error:
-        await socket.send_text(event("error", code=error.code, message=str(error)))
+        await socket.send_text(event("error", code=error.code, message=error.message))
         await socket.close(code=4000 + error.status)
         return
     rate = server.settings.max_ws_messages_per_second
@@ -572,19 +573,9 @@ async def _send_preview(connection: Connection, future: Awaitable[Any], seq: int
 # ---- errors ------------------------------------------------------------------------------------------
 
 
-async def _api_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, ApiError)
+async def _user_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, UserError)
     return JSONResponse(exc.as_dict(), status_code=exc.status)
-
-
-async def _image_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, ImageError)
-    return JSONResponse({"error": {"code": exc.code, "message": exc.message}}, status_code=exc.status)
-
-
-async def _session_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, SessionError)
-    return JSONResponse({"error": {"code": exc.code, "message": str(exc)}}, status_code=exc.status)
 
 
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -647,9 +638,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         Mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static"),
     ]
     handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
-        ApiError: _api_error,
-        ImageError: _image_error,
-        SessionError: _session_error,
+        UserError: _user_error,
         Exception: _internal_error,
     }
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)

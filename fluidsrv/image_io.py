@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageCms, PngImagePlugin
 
+from fluidsrv.errors import UserError
+
 try:  # optional: HEIC / HEIF support (pip install fluidsrv[heic])
     import pillow_heif
 
@@ -66,21 +68,15 @@ _UPRIGHT: dict[int, Image.Transpose] = {
 }
 
 
-class ImageError(Exception):
+class ImageError(UserError):
     """A refused image: an HTTP-ish ``status``, a stable machine-readable ``code`` and a ``message``."""
 
     def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
+        super().__init__(message, status=status, code=code)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the error as a JSON-ready dict (``status``, ``code``, ``message``)."""
         return {"status": self.status, "code": self.code, "message": self.message}
-
-    def __repr__(self) -> str:
-        return f"ImageError(status={self.status}, code={self.code!r}, message={self.message!r})"
 
 
 @dataclass(frozen=True)

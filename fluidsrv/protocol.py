@@ -26,6 +26,8 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
+from fluidsrv.errors import UserError
+
 MAX_SEQ = 2**31 - 1
 MAX_SLIDERS = 256
 MAX_SLIDER_NAME = 128
@@ -36,18 +38,11 @@ FRAME_FORMATS = {"webp": 1, "jpeg": 2}
 _FRAME_HEADER = struct.Struct(">2sBBI")
 
 
-class ApiError(Exception):
+class ApiError(UserError):
     """A refusal the client should see: HTTP status, a stable machine code and a human message."""
 
     def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-
-    def as_dict(self) -> dict[str, Any]:
-        """Return the JSON body of the error."""
-        return {"error": {"code": self.code, "message": self.message}}
+        super().__init__(message, status=status, code=code)
 
 
 def bad_request(message: str, code: str = "bad_request") -> ApiError:

@@ -51,6 +51,7 @@ import safetensors.numpy
 import safetensors.torch
 import torch
 
+from fluidsrv.errors import UserError
 from fluidsrv.stages import Face
 
 logger = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ Record = dict[str, Any]
 _SESSION_ID = re.compile(r"[0-9a-f]{32}")
 
 
-class SessionError(Exception):
+class SessionError(UserError):
     """A session request that cannot be served; ``status`` and ``code`` map it to a JSON HTTP error."""
 
     status = 400

@@ -10,8 +10,6 @@ Options (``context.options``): ``max_side`` (1024), ``upsample`` (1; one more wh
 
 from __future__ import annotations
 
-import importlib.util
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,20 +18,16 @@ import cv2
 import numpy as np
 from fluidsrv_plugins._faces import check_rgb_image, five_from_68, import_problem, largest_first, make_face
 
-from fluidsrv import hookimpl
+from fluidsrv import dlib_faces, hookimpl
 from fluidsrv.stages import Detector, Face, PluginContext, PluginFactory
 
-PREDICTOR_FILE = "shape_predictor_68_face_landmarks.dat"
 PAD_GREY = 128  # constant padding: reflected borders would mirror faces into duplicates
 PREDICTOR_MARGIN = 0.5  # the landmark crop extends this × the box side beyond the box
 
 
 def predictor_path() -> Path | None:
     """Return the 68-point predictor shipped by ``face-recognition-models``, without importing that package."""
-    spec = importlib.util.find_spec("face_recognition_models")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations))) / "models" / PREDICTOR_FILE
+    return dlib_faces.model_path(dlib_faces.PREDICTOR_68)
 
 
 @dataclass(frozen=True)
@@ -72,12 +66,11 @@ class DlibDetector:
 
         assert max_side >= 64 and upsample >= 0 and 0.0 <= pad_fraction <= 1.0
         self._dlib: Any = dlib
-        self._detector = dlib.get_frontal_face_detector()
-        self._predictor = dlib.shape_predictor(str(predictor_file))
+        self._detector = dlib_faces.frontal_detector()  # shared with the other dlib users of this process
+        self._predictor = dlib_faces.shape_predictor(predictor_file)
         self.max_side = max_side
         self.upsample = upsample
         self.pad_fraction = pad_fraction
-        self._lock = threading.Lock()  # dlib does not promise thread safety
 
     def detect(self, image: np.ndarray) -> list[Face]:
         """Return the faces in a uint8 RGB image [H, W, 3], largest first."""
@@ -85,7 +78,7 @@ class DlibDetector:
         work = working_image(image, self.max_side, self.pad_fraction)
         height, width = image.shape[:2]
         faces = []
-        with self._lock:
+        with dlib_faces.LOCK:  # dlib does not promise thread safety
             for rect, score in self._scan(work.pixels):
                 x0, y0 = work.to_original(rect.left(), rect.top())
                 x1, y1 = work.to_original(rect.right() + 1, rect.bottom() + 1)
@@ -123,15 +116,7 @@ class DlibDetector:
 
 
 def _unavailable(context: PluginContext) -> str | None:
-    problem = import_problem("dlib", "pip install dlib-bin")
-    if problem:
-        return problem
-    path = predictor_path()
-    if path is None:
-        return "face-recognition-models is not installed (pip install face-recognition-models)"
-    if not path.is_file():
-        return f"the 68-point predictor {path} is missing"
-    return None
+    return import_problem("dlib", "pip install dlib-bin") or dlib_faces.unavailable_reason(dlib_faces.PREDICTOR_68)
 
 
 def _create(context: PluginContext) -> DlibDetector:

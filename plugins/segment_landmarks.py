@@ -28,7 +28,6 @@ Masks come back as float32 ``[H, W]`` in [0, 1]: ``face``, ``hair`` and ``head``
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ import numpy as np
 from fluidsrv_plugins._faces import check_rgb_image, import_problem
 from fluidsrv_plugins.detect_dlib import predictor_path
 
-from fluidsrv import hookimpl
+from fluidsrv import dlib_faces, hookimpl
 from fluidsrv.geometry import DEFAULT_OUTER_FACTOR, ffhq_quad
 from fluidsrv.stages import PluginContext, PluginFactory, Segmenter
 
@@ -195,10 +194,9 @@ class LandmarkSegmenter:
 
         assert outer_factor >= 1.0, outer_factor
         self._dlib: Any = dlib
-        self._detector = dlib.get_frontal_face_detector()
-        self._predictor = dlib.shape_predictor(str(predictor_file))
+        self._detector = dlib_faces.frontal_detector()  # shared with the other dlib users of this process
+        self._predictor = dlib_faces.shape_predictor(predictor_file)
         self.outer_factor = outer_factor
-        self._lock = threading.Lock()  # dlib does not promise thread safety
 
     def parse(self, image: np.ndarray) -> dict[str, np.ndarray]:
         """Return float32 masks [H, W] in [0, 1]: "face", "hair" and "head" (their union)."""
@@ -230,7 +228,7 @@ class LandmarkSegmenter:
         height, width = image.shape[:2]
         work = cv2.cvtColor(resize_to(image, DETECT_SIZE), cv2.COLOR_RGB2GRAY)  # [h, DETECT_SIZE]
         scale = width / DETECT_SIZE
-        with self._lock:
+        with dlib_faces.LOCK:  # dlib does not promise thread safety
             rects, _, _ = self._detector.run(work, 0, 0.0)
         boxes = [
             (rect.left() * scale, rect.top() * scale, (rect.right() + 1) * scale, (rect.bottom() + 1) * scale)
@@ -249,7 +247,7 @@ class LandmarkSegmenter:
         """Run the 68-point predictor in ``box``; return [68, 2] float64."""
         x0, y0, x1, y1 = (round(value) for value in box)
         rect = self._dlib.rectangle(x0, y0, x1 - 1, y1 - 1)
-        with self._lock:
+        with dlib_faces.LOCK:
             shape = self._predictor(image, rect)
         return np.array([(point.x, point.y) for point in shape.parts()], dtype=np.float64)  # [68, 2]
 
@@ -306,15 +304,7 @@ def _clean(mask: np.ndarray, radius: int) -> np.ndarray:
 
 
 def _unavailable(context: PluginContext) -> str | None:
-    problem = import_problem("dlib", "pip install dlib-bin")
-    if problem:
-        return problem
-    path = predictor_path()
-    if path is None:
-        return "face-recognition-models is not installed (pip install face-recognition-models)"
-    if not path.is_file():
-        return f"the 68-point predictor {path} is missing"
-    return None
+    return import_problem("dlib", "pip install dlib-bin") or dlib_faces.unavailable_reason(dlib_faces.PREDICTOR_68)
 
 
 def _create(context: PluginContext) -> LandmarkSegmenter:

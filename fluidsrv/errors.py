@@ -1,0 +1,30 @@
+"""The one base class of every refusal a user or client should see."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class UserError(Exception):
+    """A refusal to show as is: an HTTP ``status``, a stable machine-readable ``code`` and a human ``message``.
+
+    Subclasses set ``status`` and ``code`` as class attributes or pass them per instance.
+    """
+
+    status: int = 400
+    code: str = "bad_request"
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+        if code is not None:
+            self.code = code
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the JSON body of the error: ``{"error": {"code": ..., "message": ...}}``."""
+        return {"error": {"code": self.code, "message": self.message}}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(status={self.status}, code={self.code!r}, message={self.message!r})"
