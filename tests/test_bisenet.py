@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import pickle
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from fluidsrv.models.bisenet import CELEBAMASK_HQ_LABELS, N_CLASSES, BiSeNet
 from fluidsrv.plugins import DEFAULT_PLUGINS, StageCatalog
 from fluidsrv.stages import PluginContext, PluginFactory, Segmenter
 from fluidsrv.weights import CheckpointError
+from tests.model_support import recipe_weights
 
 CHECKPOINT_FILE = "79999_iter.pth"
 
@@ -33,27 +33,6 @@ CHECKPOINT_FILE = "79999_iter.pth"
 def _manifest(fixtures_dir: Path) -> dict[str, list[int]]:
     manifest: dict[str, list[int]] = json.loads((fixtures_dir / "bisenet_faceparsing_19.json").read_text())
     return manifest
-
-
-def recipe_weights(manifest: dict[str, list[int]]) -> dict[str, torch.Tensor]:
-    """Deterministic weights for a key manifest, by the recipe in shared/conformance/README.md."""
-    weights: dict[str, torch.Tensor] = {}
-    for index, (key, shape) in enumerate(manifest.items()):
-        if key.endswith("num_batches_tracked"):
-            weights[key] = torch.zeros((), dtype=torch.long)
-        elif key.endswith("running_mean"):
-            weights[key] = torch.zeros(shape)
-        elif key.endswith("running_var"):
-            weights[key] = torch.ones(shape)
-        else:
-            t = torch.randn(shape, generator=torch.Generator().manual_seed(index))
-            if len(shape) >= 2:
-                weights[key] = t / math.sqrt(math.prod(shape[1:]))
-            elif key.endswith("weight"):
-                weights[key] = 1 + 0.1 * t
-            else:
-                weights[key] = 0.1 * t
-    return weights
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from fluidsrv_plugins._faces import find_model_file, five_from_68, largest_first
 
 from fluidsrv.image_io import decode_image
 from fluidsrv.plugins import StageCatalog, build_plugin_manager
+from fluidsrv.settings import default_cache_dir
 from fluidsrv.stages import Face, PluginContext
 
 PLUGINS_DIR = Path(__file__).resolve().parent.parent / "plugins"
@@ -82,6 +83,18 @@ def check_faces(faces: list[Face], image: np.ndarray) -> None:
         side = max(x1 - x0, y1 - y0)
         assert x0 - side / 2 < left_eye[0] and right_eye[0] < x1 + side / 2
         assert y0 - side / 2 < eye_level < y1
+
+
+def check_finds_faces(detector: Any, photos: Callable[[str], np.ndarray], at_least: dict[str, int]) -> list[Face]:
+    """The detector finds at least ``at_least[name]`` well-formed faces in each photo; returns all it found."""
+    found: list[Face] = []
+    for name, count in at_least.items():
+        image = photos(name)
+        faces = detector.detect(image)
+        assert len(faces) >= count, name
+        check_faces(faces, image)
+        found.extend(faces)
+    return found
 
 
 # ----------------------------------------------------------------------------------------------- dlib
@@ -161,12 +174,8 @@ def test_detectors_refuse_images_that_are_not_uint8_rgb(dlib_detector: Any):
 
 def test_yunet_finds_faces(yunet_context: PluginContext, photos: Callable[[str], np.ndarray]):
     detector = make_catalog(yunet_context).create("detector", "yunet")
-    for name, at_least in {"paul_rudd.jpg": 1, "deepface_img5.jpg": 1, **GROUPS}.items():
-        image = photos(name)
-        faces = detector.detect(image)
-        assert len(faces) >= at_least, name
-        check_faces(faces, image)
-        assert all(face.landmarks68 is None and 0.0 < face.score <= 1.0 for face in faces)
+    faces = check_finds_faces(detector, photos, {"paul_rudd.jpg": 1, "deepface_img5.jpg": 1, **GROUPS})
+    assert all(face.landmarks68 is None and 0.0 < face.score <= 1.0 for face in faces)
 
 
 def test_yunet_and_dlib_agree_on_the_eyes(
@@ -190,32 +199,25 @@ def test_yunet_finds_its_model_in_the_cache(shared_dir: Path, tmp_path: Path):
 # ------------------------------------------------------------------------------------ optional plugins
 
 
-def test_mediapipe_finds_faces(tmp_path: Path, photos: Callable[[str], np.ndarray]):
-    catalog = make_catalog(make_context(tmp_path))
-    reason = catalog.unavailable_reason("detector", "mediapipe")
+@pytest.mark.parametrize(
+    ("detector_name", "at_least", "in_default_cache"),
+    [
+        ("mediapipe", {"paul_rudd.jpg": 1, "deepface_img12.jpg": 1, "couple.jpg": 2}, False),
+        ("insightface", {"paul_rudd.jpg": 1, "couple.jpg": 2, "multiface.jpg": 5}, True),  # models in the user cache
+    ],
+)
+def test_optional_detectors_find_faces(
+    tmp_path: Path,
+    photos: Callable[[str], np.ndarray],
+    detector_name: str,
+    at_least: dict[str, int],
+    in_default_cache: bool,
+):
+    catalog = make_catalog(make_context(default_cache_dir() if in_default_cache else tmp_path))
+    reason = catalog.unavailable_reason("detector", detector_name)
     if reason is not None:
-        pytest.skip(f"mediapipe unavailable: {reason}")
-    detector = catalog.create("detector", "mediapipe")
-    for name, at_least in {"paul_rudd.jpg": 1, "deepface_img12.jpg": 1, "couple.jpg": 2}.items():
-        image = photos(name)
-        faces = detector.detect(image)
-        assert len(faces) >= at_least, name
-        check_faces(faces, image)
-
-
-def test_insightface_finds_faces(photos: Callable[[str], np.ndarray]):
-    from fluidsrv.settings import default_cache_dir
-
-    catalog = make_catalog(make_context(default_cache_dir()))
-    reason = catalog.unavailable_reason("detector", "insightface")
-    if reason is not None:
-        pytest.skip(f"insightface unavailable: {reason}")
-    detector = catalog.create("detector", "insightface")
-    for name, at_least in {"paul_rudd.jpg": 1, "couple.jpg": 2, "multiface.jpg": 5}.items():
-        image = photos(name)
-        faces = detector.detect(image)
-        assert len(faces) >= at_least, name
-        check_faces(faces, image)
+        pytest.skip(f"{detector_name} unavailable: {reason}")
+    check_finds_faces(catalog.create("detector", detector_name), photos, at_least)
 
 
 # -------------------------------------------------------------------------------------- availability

@@ -29,10 +29,11 @@ from fluidsrv.directions import (
     sefa,
 )
 from fluidsrv.latents import apply_sliders
-from fluidsrv.models.stylegan2 import Generator, GeneratorConfig
+from fluidsrv.models.stylegan2 import Generator
 from fluidsrv.plugins import StageCatalog
 from fluidsrv.settings import EMBEDDED_WEIGHTS_DIR
 from fluidsrv.stages import Direction, PluginContext, PluginFactory
+from tests.model_support import drain, tiny_generator
 
 MY_PLUGINS = (
     "fluidsrv_plugins.directions_sefa",
@@ -52,33 +53,9 @@ def abs_cosines(found: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def golden_generator(fixtures_dir: Path) -> Generator:
-    golden: dict[str, Any] = torch.load(fixtures_dir / "stylegan2_small_golden.pt", weights_only=True)
-    config = golden["config"]
-    generator = Generator(
-        GeneratorConfig(
-            resolution=config["size"],
-            w_dim=config["style_dim"],
-            n_mapping=config["n_mlp"],
-            channels=config["channels"],
-            lr_mlp=config["lr_mlp"],
-            blur_kernel=tuple(config["blur_kernel"]),
-        )
-    ).eval()
-    generator.load_state_dict(golden["state_dict"], strict=True)
-    return generator
-
-
-@pytest.fixture(scope="module")
 def sefa_golden(fixtures_dir: Path) -> dict[str, Any]:
     data: dict[str, Any] = torch.load(fixtures_dir / "sefa_small_golden.pt", weights_only=True)
     return data
-
-
-def tiny_generator(seed: int = 0) -> Generator:
-    torch.manual_seed(seed)
-    config = GeneratorConfig(resolution=16, w_dim=16, n_mapping=2, channels={4: 8, 8: 8, 16: 8})
-    return Generator(config).eval()
 
 
 def plugin_manager() -> pluggy.PluginManager:
@@ -216,7 +193,7 @@ def test_directions_round_trip(tmp_path: Path) -> None:
 
 
 def test_fingerprint_follows_the_weights() -> None:
-    first, same, other = tiny_generator(0), tiny_generator(0), tiny_generator(1)
+    first, same, other = tiny_generator(seed=0), tiny_generator(seed=0), tiny_generator(seed=1)
     assert generator_fingerprint(first) == generator_fingerprint(same) != generator_fingerprint(other)
 
 
@@ -297,14 +274,8 @@ def test_attribute_directions_compute_cache_and_work(tmp_path: Path) -> None:
     generator = tiny_generator()
     scorer = BrightnessScorer()
     job = compute_attribute_directions(generator, scorer, "bright", tmp_path, samples=240, batch_size=40)
-    steps = 0
-    try:
-        while True:
-            next(job)
-            steps += 1
-    except StopIteration as done:
-        directions = done.value
-    assert steps == 6 and attribute_cache_path(tmp_path, generator, "bright").is_file()
+    steps, directions = drain(job)
+    assert len(steps) == 6 and attribute_cache_path(tmp_path, generator, "bright").is_file()
     sliders = {d.name: d for d in directions}
     ws = generator.mapping(torch.randn(16, 16, generator=torch.Generator().manual_seed(5)), truncation_psi=0.8)
     with torch.no_grad():

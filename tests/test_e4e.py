@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
 import torch
 
 from fluidsrv.models.e4e import E4EConfig, Encoder4Editing, GradualStyleBlock
+from tests.model_support import recipe_weights
 
 ENCODER_PREFIX = "encoder."
 
@@ -19,27 +19,6 @@ def _encoder_manifest(fixtures_dir: Path) -> dict[str, list[int]]:
     manifest = json.loads((fixtures_dir / "e4e_ffhq_checkpoint.json").read_text())["state_dict"]
     encoder_keys = (key for key in manifest if key.startswith(ENCODER_PREFIX))
     return {key.removeprefix(ENCODER_PREFIX): manifest[key] for key in encoder_keys}
-
-
-def recipe_weights(manifest: dict[str, list[int]]) -> dict[str, torch.Tensor]:
-    """Deterministic weights for a key manifest, by the recipe in shared/conformance/README.md."""
-    weights: dict[str, torch.Tensor] = {}
-    for index, (key, shape) in enumerate(manifest.items()):
-        if key.endswith("num_batches_tracked"):
-            weights[key] = torch.zeros((), dtype=torch.long)
-        elif key.endswith("running_mean"):
-            weights[key] = torch.zeros(shape)
-        elif key.endswith("running_var"):
-            weights[key] = torch.ones(shape)
-        else:
-            t = torch.randn(shape, generator=torch.Generator().manual_seed(index))
-            if len(shape) >= 2:
-                weights[key] = t / math.sqrt(math.prod(shape[1:]))
-            elif key.endswith("weight"):
-                weights[key] = 1 + 0.1 * t
-            else:
-                weights[key] = 0.1 * t
-    return weights
 
 
 def _small_config(**overrides: object) -> E4EConfig:

@@ -4,7 +4,6 @@ cached file lookup, availability reasons, the untrained development mode, and th
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,36 +16,23 @@ from fluidsrv.plugins import StageCatalog, build_plugin_manager
 from fluidsrv.stages import Latents, PluginContext
 from fluidsrv.training.encoder import ARCHITECTURES, FINGERPRINT_KEY, encoder_config, generator_fingerprint
 from fluidsrv.weights import save_encoder
+from tests.model_support import TINY_GENERATOR_W16, generator_with_w_avg, randomize_batchnorm_statistics
 
-TINY = GeneratorConfig(resolution=32, w_dim=16, n_mapping=2, channels={4: 16, 8: 16, 16: 8, 32: 8})
 OTHER = GeneratorConfig(resolution=64, w_dim=16, n_mapping=2, channels={4: 16, 8: 16, 16: 8, 32: 8, 64: 8})
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def generator() -> Generator:
-    torch.manual_seed(0)
-    generator = Generator(TINY).eval()
-    generator.estimate_w_avg(num_samples=200)
-    return generator
+    return generator_with_w_avg(TINY_GENERATOR_W16, num_samples=200)
 
 
 @pytest.fixture(scope="module")
 def encoder() -> Encoder4Editing:
     torch.manual_seed(1)
-    encoder = Encoder4Editing(encoder_config(ARCHITECTURES["tiny"], TINY))
-    for module in encoder.modules():  # non-trivial BN statistics, so a lost buffer would show
-        if isinstance(module, torch.nn.BatchNorm2d):
-            assert module.running_mean is not None and module.running_var is not None
-            torch.nn.init.uniform_(module.running_mean, -0.1, 0.1)
-            torch.nn.init.uniform_(module.running_var, 0.5, 1.5)
+    encoder = Encoder4Editing(encoder_config(ARCHITECTURES["tiny"], TINY_GENERATOR_W16))
+    randomize_batchnorm_statistics(encoder)
     return encoder.eval()
 
 
@@ -111,7 +97,7 @@ def test_loads_the_official_e4e_key_layout(
 
 def test_a_generator_the_encoder_does_not_fit_is_refused(tmp_path: Path, encoder: Encoder4Editing) -> None:
     path = tmp_path / "encoder.safetensors"
-    save_encoder(path, encoder, torch.zeros(TINY.w_dim))
+    save_encoder(path, encoder, torch.zeros(TINY_GENERATOR_W16.w_dim))
     other = Generator(OTHER).eval()
     plugin = catalog(tmp_path, encoder=str(path)).create("encoder", "e4e")
     with pytest.raises(ValueError, match=r"no e4e encoder matches this generator \(64², 10 styles of width 16\)"):
@@ -169,13 +155,13 @@ def test_a_different_generator_of_the_same_shape_is_warned_about(
         encode(plugin, image, generator)
     assert "trained for generator" not in caplog.text
     torch.manual_seed(7)
-    sibling = Generator(TINY).eval()
+    sibling = Generator(TINY_GENERATOR_W16).eval()
     with caplog.at_level(logging.WARNING):
         encode(plugin, image, sibling)
     assert "trained for generator" in caplog.text
 
 
 def test_fingerprint_survives_fp16_storage(generator: Generator) -> None:
-    copy = Generator(TINY).eval()
+    copy = Generator(TINY_GENERATOR_W16).eval()
     copy.load_state_dict({key: value.half().float() for key, value in generator.state_dict().items()})
     assert generator_fingerprint(copy) == generator_fingerprint(generator)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,36 +32,16 @@ from fluidsrv.training.encoder import (
     train_encoder,
 )
 from fluidsrv.weights import load_e4e, save_generator
+from tests.model_support import TINY_GENERATOR
 
-SHARD = "faces128-04.zip"  # the smallest shard; holds ids on both sides of the held-out boundary
-TINY_GENERATOR = GeneratorConfig(resolution=32, w_dim=32, n_mapping=2, channels={4: 32, 8: 32, 16: 16, 32: 16})
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def shard_dir(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    source = shared_dir / "data" / SHARD
-    if not source.is_file():
-        pytest.fail(f"{source} is missing from the shared data")
-    folder = tmp_path_factory.mktemp("faces")
-    (folder / SHARD).symlink_to(source)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def generator_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    generator = Generator(TINY_GENERATOR).eval()
-    generator.estimate_w_avg(num_samples=500)
+def generator_file(tiny: Generator, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny generator (TINY_GENERATOR, w_avg from 500 samples) as a safetensors file."""
     path = tmp_path_factory.mktemp("generator") / "generator-32.safetensors"
-    save_generator(path, generator, generator.w_avg)
+    save_generator(path, tiny, tiny.w_avg)
     return path
 
 

@@ -22,8 +22,8 @@ from fluidsrv.latents import (
     std_along,
     truncate,
 )
-from fluidsrv.models.stylegan2 import Generator, GeneratorConfig
 from fluidsrv.stages import Direction
+from tests.model_support import tiny_generator
 
 NUM_WS, W_DIM = 12, 16
 
@@ -188,12 +188,6 @@ def test_std_along_forms_agree() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- spread
-
-
-def tiny_generator() -> Generator:
-    torch.manual_seed(0)
-    config = GeneratorConfig(resolution=16, w_dim=W_DIM, n_mapping=2, channels={4: 8, 8: 8, 16: 8})
-    return Generator(config).eval()
 
 
 def test_latent_spread_is_the_square_root_of_the_covariance() -> None:

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -16,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 from scipy.ndimage import correlate1d
 
-from fluidsrv.models.stylegan2 import Discriminator, Generator, GeneratorConfig
+from fluidsrv.models.stylegan2 import Discriminator, Generator
 from fluidsrv.perceptual import (
     LPIPS_CHANNELS,
     LaplacianPyramidDistance,
@@ -34,26 +32,11 @@ from fluidsrv.perceptual import (
 )
 from fluidsrv.plugins import StageCatalog, build_plugin_manager
 from fluidsrv.projector import ProjectorConfig, learning_rate_factor, noise_regularisation, project
-from fluidsrv.stages import Latents, PluginContext, Progress
+from fluidsrv.stages import Latents, PluginContext
 from fluidsrv.training.configs import TINY_32
+from tests.model_support import drain
 
-TINY = GeneratorConfig(resolution=32, w_dim=32, n_mapping=2, channels={4: 32, 8: 32, 16: 16, 32: 16})
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny() -> Generator:
-    torch.manual_seed(0)
-    generator = Generator(TINY).eval()
-    generator.estimate_w_avg(num_samples=500)
-    return generator
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -61,15 +44,6 @@ def target(tiny: Generator) -> torch.Tensor:
     """A face the tiny generator can draw exactly: [1, 3, 32, 32]."""
     with torch.no_grad():
         return tiny.synthesis(tiny.mapping(torch.randn(1, 32, generator=torch.Generator().manual_seed(3))))
-
-
-def run(job: Any) -> tuple[list[Progress], Any]:
-    steps = []
-    while True:
-        try:
-            steps.append(next(job))
-        except StopIteration as stop:
-            return steps, stop.value
 
 
 def mse_of(generator: Generator, ws: torch.Tensor, target: torch.Tensor) -> float:
@@ -86,7 +60,7 @@ def test_projection_reaches_a_reachable_target_and_leaves_the_generator_alone(
     before = {key: value.clone() for key, value in tiny.state_dict().items()}
     start = mse_of(tiny, tiny.w_avg.view(1, 1, -1).repeat(1, tiny.num_ws, 1), target)
     config = ProjectorConfig(steps=60, wplus_steps=20, frame_every=20, w_std_samples=200)
-    steps, latents = run(project(tiny, target, config))
+    steps, latents = drain(project(tiny, target, config))
 
     assert isinstance(latents, Latents)
     assert latents.w.shape == (1, 32) and latents.ws.shape == (1, tiny.num_ws, 32)
@@ -104,7 +78,8 @@ def test_projection_reaches_a_reachable_target_and_leaves_the_generator_alone(
 
 
 def test_w_only_projection_returns_w_repeated(tiny: Generator, target: torch.Tensor) -> None:
-    _, latents = run(project(tiny, target, ProjectorConfig(steps=3, wplus_steps=0, frame_every=0, w_std_samples=50)))
+    config = ProjectorConfig(steps=3, wplus_steps=0, frame_every=0, w_std_samples=50)
+    _, latents = drain(project(tiny, target, config))
     torch.testing.assert_close(latents.ws, latents.w.unsqueeze(1).expand(-1, tiny.num_ws, -1))
 
 
@@ -138,7 +113,7 @@ def test_project_plugin_through_the_catalog(tiny: Generator, target: torch.Tenso
     options = {"encoder.project": {"steps": "4", "wplus_steps": "2", "frame_every": "2", "w_std_samples": "50"}}
     catalog = StageCatalog(build_plugin_manager(load_entry_points=False), context, options=options)
     encoder = catalog.create("encoder", "project")
-    steps, latents = run(encoder.encode(target, tiny))
+    steps, latents = drain(encoder.encode(target, tiny))
     assert len(steps) == 6 and sum(p.frame is not None for p in steps) == 3
     assert latents.ws.shape == (1, tiny.num_ws, 32)
 

@@ -3,13 +3,10 @@ close cleanly mid-way, and the low-rank delta is a small fraction of the full on
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
-
 import pytest
 import torch
 
-from fluidsrv.models.stylegan2 import Generator, GeneratorConfig
+from fluidsrv.models.stylegan2 import Generator
 from fluidsrv.pti import (
     LORA_DOWN,
     LORA_UP,
@@ -21,26 +18,10 @@ from fluidsrv.pti import (
     lowrank_targets,
     synthesize_with,
 )
-from fluidsrv.stages import Progress
 from fluidsrv.training.configs import EMBEDDED_128
+from tests.model_support import drain
 
-TINY = GeneratorConfig(resolution=32, w_dim=32, n_mapping=2, channels={4: 32, 8: 32, 16: 16, 32: 16})
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny() -> Generator:
-    torch.manual_seed(0)
-    generator = Generator(TINY).eval()
-    generator.estimate_w_avg(num_samples=500)
-    return generator
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -51,15 +32,6 @@ def problem(tiny: Generator) -> tuple[torch.Tensor, torch.Tensor]:
         target = tiny.synthesis(tiny.mapping(torch.randn(1, 32, generator=rng)))  # [1, 3, 32, 32]
         pivot = tiny.mapping(torch.randn(1, 32, generator=rng))  # [1, num_ws, w_dim]
     return target, pivot
-
-
-def run(job: Any) -> tuple[list[Progress], Any]:
-    steps = []
-    while True:
-        try:
-            steps.append(next(job))
-        except StopIteration as stop:
-            return steps, stop.value
 
 
 def snapshot(generator: Generator) -> dict[str, torch.Tensor]:
@@ -87,7 +59,7 @@ def test_finetune_reduces_the_loss_and_never_touches_the_base(
     base_mse = render_mse(tiny, pivot, target)
     lr = {"full": 1e-3, "lowrank": 1e-2}[mode]  # faster than the defaults: a random generator starts far off
     config = PTIConfig(mode=mode, steps=25, lr=lr, frame_every=10)  # type: ignore[arg-type]
-    steps, delta = run(finetune(tiny, target, pivot, config))
+    steps, delta = drain(finetune(tiny, target, pivot, config))
 
     assert [p.step for p in steps] == list(range(1, 26)) and all(p.total == 25 for p in steps)
     assert [p.step for p in steps if p.frame is not None] == [10, 20, 25]
@@ -108,7 +80,7 @@ def test_apply_delta_shares_untouched_tensors_and_matches_the_training_render(
     tiny: Generator, problem: tuple[torch.Tensor, torch.Tensor]
 ) -> None:
     target, pivot = problem
-    _, delta = run(finetune(tiny, target, pivot, PTIConfig(mode="lowrank", steps=3, locality_weight=0.0)))
+    _, delta = drain(finetune(tiny, target, pivot, PTIConfig(mode="lowrank", steps=3, locality_weight=0.0)))
     tuned = apply_delta(tiny, delta)
     base_state, tuned_state = tiny.state_dict(), tuned.state_dict()
     touched = {key.rsplit(".lora_", 1)[0] for key in delta}
@@ -127,8 +99,8 @@ def test_apply_delta_shares_untouched_tensors_and_matches_the_training_render(
 
 def test_delta_layouts(tiny: Generator, problem: tuple[torch.Tensor, torch.Tensor]) -> None:
     target, pivot = problem
-    _, full = run(finetune(tiny, target, pivot, PTIConfig(mode="full", steps=1, locality_weight=0.0)))
-    _, lowrank = run(finetune(tiny, target, pivot, PTIConfig(mode="lowrank", steps=1, rank=3, locality_weight=0.0)))
+    _, full = drain(finetune(tiny, target, pivot, PTIConfig(mode="full", steps=1, locality_weight=0.0)))
+    _, lowrank = drain(finetune(tiny, target, pivot, PTIConfig(mode="lowrank", steps=1, rank=3, locality_weight=0.0)))
     synthesis = {name for name, _ in tiny.named_parameters() if not name.startswith("style.")}
     assert set(full) == synthesis
     for name in lowrank_targets(tiny):
@@ -147,13 +119,13 @@ def test_early_stop_on_the_reconstruction_threshold(
 ) -> None:
     target, pivot = problem
     start = render_mse(tiny, pivot, target)
-    steps, delta = run(finetune(tiny, target, pivot, PTIConfig(mode="full", steps=50, early_stop_mse=start * 2)))
+    steps, delta = drain(finetune(tiny, target, pivot, PTIConfig(mode="full", steps=50, early_stop_mse=start * 2)))
     assert len(steps) == 1 and steps[0].total == 1 and "early-stop" in steps[0].message
     assert all(float(value.abs().max()) == 0.0 for value in delta.values())  # stopped before any update
 
     threshold = start * 0.5
     config = PTIConfig(mode="full", steps=60, lr=1e-3, early_stop_mse=threshold, locality_weight=0.0, frame_every=0)
-    steps, delta = run(finetune(tiny, target, pivot, config))
+    steps, delta = drain(finetune(tiny, target, pivot, config))
     assert 1 < len(steps) < 60 and steps[-1].step == steps[-1].total
     assert render_mse(apply_delta(tiny, delta), pivot, target) < threshold
 
@@ -180,7 +152,7 @@ def test_locality_keeps_random_neighbours_close(tiny: Generator, problem: tuple[
 
     def drift(weight: float) -> float:
         config = PTIConfig(mode="full", steps=20, lr=2e-3, locality_weight=weight, locality_samples=2, frame_every=0)
-        _, delta = run(finetune(tiny, target, pivot, config))
+        _, delta = drain(finetune(tiny, target, pivot, config))
         with torch.no_grad():
             return float((apply_delta(tiny, delta).synthesis(neighbours) - reference).square().mean())
 
@@ -195,7 +167,7 @@ def test_lowrank_delta_is_at_most_a_tenth_of_the_full_delta_at_the_embedded_conf
     sizes = {}
     for mode in ("full", "lowrank"):
         config = PTIConfig(mode=mode, steps=1, locality_weight=0.0, frame_every=0)
-        _, delta = run(finetune(generator, target, pivot, config))
+        _, delta = drain(finetune(generator, target, pivot, config))
         sizes[mode] = delta_nbytes(delta)
     synthesis_floats = sum(p.numel() for n, p in generator.named_parameters() if not n.startswith("style."))
     assert sizes["full"] == 4 * synthesis_floats

@@ -23,6 +23,7 @@ from fluidsrv.models.stylegan2 import (
     ModulatedConv2d,
     config_f_channels,
 )
+from tests.model_support import build_golden_generator, golden_generator_config, tiny_generator
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 COPIED_FIXTURES = [
@@ -46,37 +47,6 @@ def state_dict_shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
 
 def meta_state_dict(manifest: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
     return {key: torch.empty(shape, device="meta") for key, shape in manifest.items()}
-
-
-@pytest.fixture(scope="module")
-def golden() -> dict[str, Any]:
-    data: dict[str, Any] = torch.load(FIXTURES / "stylegan2_small_golden.pt", weights_only=True)
-    return data
-
-
-def golden_config(golden: dict[str, Any]) -> GeneratorConfig:
-    config = golden["config"]
-    return GeneratorConfig(
-        resolution=config["size"],
-        w_dim=config["style_dim"],
-        n_mapping=config["n_mlp"],
-        channels=config["channels"],
-        lr_mlp=config["lr_mlp"],
-        blur_kernel=tuple(config["blur_kernel"]),
-    )
-
-
-@pytest.fixture(scope="module")
-def golden_generator(golden: dict[str, Any]) -> Generator:
-    generator = Generator(golden_config(golden)).eval()
-    generator.load_state_dict(golden["state_dict"], strict=True)
-    return generator
-
-
-def tiny_generator(resolution: int = 16, seed: int = 0) -> Generator:
-    torch.manual_seed(seed)
-    config = GeneratorConfig(resolution=resolution, w_dim=16, n_mapping=2, channels={r: 8 for r in (4, 8, 16, 32)})
-    return Generator(config).eval()
 
 
 def tiny_discriminator(resolution: int = 16, seed: int = 0) -> Discriminator:
@@ -139,11 +109,11 @@ def test_discriminator_keys_and_shapes_equal_manifest(resolution: int) -> None:
     assert not result.missing_keys and not result.unexpected_keys
 
 
-def test_golden_state_dict_loads_strictly(golden: dict[str, Any]) -> None:
-    generator = Generator(golden_config(golden))
-    result = generator.load_state_dict(golden["state_dict"], strict=True)
+def test_golden_state_dict_loads_strictly(stylegan2_golden: dict[str, Any]) -> None:
+    generator = Generator(golden_generator_config(stylegan2_golden))
+    result = generator.load_state_dict(stylegan2_golden["state_dict"], strict=True)
     assert not result.missing_keys and not result.unexpected_keys
-    assert generator.num_ws == golden["config"]["n_latent"] == 10
+    assert generator.num_ws == stylegan2_golden["config"]["n_latent"] == 10
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, tolerance: float = 1e-4) -> None:
@@ -153,34 +123,34 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tolerance: float 
 
 
 @torch.no_grad()
-def test_golden_w_from_z(golden_generator: Generator, golden: dict[str, Any]) -> None:
-    assert_close(golden_generator.mapping(golden["z"]), golden["w_from_z"])
+def test_golden_w_from_z(golden_generator: Generator, stylegan2_golden: dict[str, Any]) -> None:
+    assert_close(golden_generator.mapping(stylegan2_golden["z"]), stylegan2_golden["w_from_z"])
 
 
 @torch.no_grad()
-def test_golden_img_from_z(golden_generator: Generator, golden: dict[str, Any]) -> None:
-    ws = golden_generator.mapping(golden["z"])  # [2, 10, 64]
-    assert_close(golden_generator.synthesis(ws, noise_mode="const"), golden["img_from_z"])
-    assert_close(golden_generator(golden["z"]), golden["img_from_z"])
+def test_golden_img_from_z(golden_generator: Generator, stylegan2_golden: dict[str, Any]) -> None:
+    ws = golden_generator.mapping(stylegan2_golden["z"])  # [2, 10, 64]
+    assert_close(golden_generator.synthesis(ws, noise_mode="const"), stylegan2_golden["img_from_z"])
+    assert_close(golden_generator(stylegan2_golden["z"]), stylegan2_golden["img_from_z"])
 
 
 @torch.no_grad()
-def test_golden_img_truncated(golden_generator: Generator, golden: dict[str, Any]) -> None:
-    ws = golden_generator.mapping(golden["z"], truncation_psi=0.7, w_avg=golden["mean_latent"])
-    assert_close(golden_generator.synthesis(ws), golden["img_truncated_0.7"])
+def test_golden_img_truncated(golden_generator: Generator, stylegan2_golden: dict[str, Any]) -> None:
+    ws = golden_generator.mapping(stylegan2_golden["z"], truncation_psi=0.7, w_avg=stylegan2_golden["mean_latent"])
+    assert_close(golden_generator.synthesis(ws), stylegan2_golden["img_truncated_0.7"])
 
 
 @torch.no_grad()
-def test_golden_img_from_w_plus(golden_generator: Generator, golden: dict[str, Any]) -> None:
-    assert_close(golden_generator.synthesis(golden["w_plus"]), golden["img_from_w_plus"])
+def test_golden_img_from_w_plus(golden_generator: Generator, stylegan2_golden: dict[str, Any]) -> None:
+    w_plus, expected = stylegan2_golden["w_plus"], stylegan2_golden["img_from_w_plus"]
+    assert_close(golden_generator.synthesis(w_plus), expected)
     for i in range(2):  # batch 1 takes the weight-modulation path, batch 2 the activation-scaling one
-        assert_close(golden_generator.synthesis(golden["w_plus"][i : i + 1]), golden["img_from_w_plus"][i : i + 1])
+        assert_close(golden_generator.synthesis(w_plus[i : i + 1]), expected[i : i + 1])
 
 
 @torch.no_grad()
-def test_golden_in_both_memory_layouts(golden: dict[str, Any]) -> None:
-    generator = Generator(golden_config(golden)).eval()
-    generator.load_state_dict(golden["state_dict"], strict=True)
+def test_golden_in_both_memory_layouts(stylegan2_golden: dict[str, Any]) -> None:
+    generator = build_golden_generator(stylegan2_golden)
     layouts: list[bool] = []
     hook = generator.convs[-1].register_forward_hook(
         lambda module, args, out: layouts.append(out.is_contiguous(memory_format=torch.channels_last))
@@ -188,28 +158,27 @@ def test_golden_in_both_memory_layouts(golden: dict[str, Any]) -> None:
     for channels_last in (True, False):
         generator.channels_last_on_cpu = channels_last
         for batch in (slice(0, 1), slice(0, 2)):
-            img = generator.synthesis(golden["w_plus"][batch])
+            img = generator.synthesis(stylegan2_golden["w_plus"][batch])
             assert img.is_contiguous()
-            assert_close(img, golden["img_from_w_plus"][batch])
+            assert_close(img, stylegan2_golden["img_from_w_plus"][batch])
     hook.remove()
     assert layouts == [True, True, False, False]  # the layout reaches the last layer
 
 
 @torch.no_grad()
-def test_golden_img_mixed(golden_generator: Generator, golden: dict[str, Any]) -> None:
-    ws = golden_generator.mapping(golden["z"])  # [2, 10, 64]
+def test_golden_img_mixed(golden_generator: Generator, stylegan2_golden: dict[str, Any]) -> None:
+    ws = golden_generator.mapping(stylegan2_golden["z"])  # [2, 10, 64]
     mixed = mix_styles(ws, ws.flip(0), start=4, stop=golden_generator.num_ws)
-    assert_close(golden_generator.synthesis(mixed), golden["img_mixed_inject4"])
+    assert_close(golden_generator.synthesis(mixed), stylegan2_golden["img_mixed_inject4"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @torch.no_grad()
-def test_golden_on_cuda(golden_generator: Generator, golden: dict[str, Any]) -> None:
-    generator = Generator(golden_config(golden)).cuda().eval()
-    generator.load_state_dict(golden["state_dict"], strict=True)
+def test_golden_on_cuda(golden_generator: Generator, stylegan2_golden: dict[str, Any]) -> None:
+    generator = build_golden_generator(stylegan2_golden).cuda()
     torch.backends.cudnn.allow_tf32 = False
-    img = generator.synthesis(golden["w_plus"].cuda()).cpu()
-    assert_close(img, golden["img_from_w_plus"])
+    img = generator.synthesis(stylegan2_golden["w_plus"].cuda()).cpu()
+    assert_close(img, stylegan2_golden["img_from_w_plus"])
 
 
 # ---------------------------------------------------------------------------------------------------------------

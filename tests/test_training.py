@@ -6,7 +6,6 @@ import dataclasses
 import json
 import math
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,33 +27,13 @@ from fluidsrv.training.configs import (
 from fluidsrv.training.data import HELDOUT_FIRST_ID, BatchStream, FaceShardDataset, in_split, read_meta
 from fluidsrv.training.gan import GanTrainer, latest_checkpoint, load_checkpoint_generator, optimizer_path
 from fluidsrv.weights import load_generator
+from tests.model_support import FACE_SHARD
 
-# shard 04 is the smallest (3,849 faces) and holds ids 41,816-45,664: both sides of the held-out boundary
-SHARD = "faces128-04.zip"
-
-
-@pytest.fixture(scope="module")
-def shard_dir(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A data folder holding one real shard (a link into ../shared/data)."""
-    source = shared_dir / "data" / SHARD
-    if not source.is_file():
-        pytest.fail(f"{source} is missing from the shared data")
-    folder = tmp_path_factory.mktemp("faces")
-    (folder / SHARD).symlink_to(source)
-    return folder
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Run on one thread: the tiny models gain nothing from more, and it avoids oversubscribing a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _shard_ids(shard_dir: Path) -> list[int]:
-    with zipfile.ZipFile(shard_dir / SHARD) as archive:
+    with zipfile.ZipFile(shard_dir / FACE_SHARD) as archive:
         return sorted(int(name.split(".")[0]) for name in archive.namelist())
 
 

@@ -12,9 +12,9 @@ from PIL import Image
 
 from fluidsrv.cli import main
 from fluidsrv.cli.edit_tools import read_latents, save_latents
-from fluidsrv.models.stylegan2 import Generator, GeneratorConfig
 from fluidsrv.videos import render_frames, to_uint8_frames, write_gif, write_mp4, write_video
 from fluidsrv.weights import save_generator
+from tests.model_support import tiny_generator
 
 W_DIM = 16
 
@@ -35,10 +35,10 @@ def decoded_frames(path: Path) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def generator_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    generator = Generator(GeneratorConfig(resolution=16, w_dim=W_DIM, n_mapping=2, channels={4: 8, 8: 8, 16: 8}))
+    generator = tiny_generator()
+    assert generator.w_dim == W_DIM
     path = tmp_path_factory.mktemp("gen") / "tiny.safetensors"
-    save_generator(path, generator.eval(), generator.estimate_w_avg(num_samples=200))
+    save_generator(path, generator, generator.estimate_w_avg(num_samples=200))
     return path
 
 

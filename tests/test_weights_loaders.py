@@ -30,8 +30,8 @@ from fluidsrv.weights import (
     save_generator,
     split_e4e_state,
 )
+from tests.model_support import TINY_GENERATOR_W16, randomize_batchnorm_statistics
 
-TINY_GENERATOR = GeneratorConfig(resolution=32, w_dim=16, n_mapping=2, channels={4: 16, 8: 16, 16: 8, 32: 8})
 TINY_ENCODER = E4EConfig(  # drives the tiny generator: num_ws 8, w_dim 16
     num_ws=8,
     w_dim=16,
@@ -48,7 +48,7 @@ TINY_ENCODER = E4EConfig(  # drives the tiny generator: num_ws 8, w_dim 16
 @pytest.fixture
 def tiny_generator() -> tuple[Generator, torch.Tensor]:
     torch.manual_seed(0)
-    generator = Generator(TINY_GENERATOR).eval()
+    generator = Generator(TINY_GENERATOR_W16).eval()
     w_avg = torch.randn(16)  # [w_dim]
     return generator, w_avg
 
@@ -57,11 +57,7 @@ def tiny_generator() -> tuple[Generator, torch.Tensor]:
 def tiny_encoder() -> Encoder4Editing:
     torch.manual_seed(1)
     encoder = Encoder4Editing(TINY_ENCODER)
-    for module in encoder.modules():  # non-trivial BN statistics, so a lost buffer would show
-        if isinstance(module, torch.nn.BatchNorm2d):
-            assert module.running_mean is not None and module.running_var is not None
-            torch.nn.init.uniform_(module.running_mean, -0.1, 0.1)
-            torch.nn.init.uniform_(module.running_var, 0.5, 1.5)
+    randomize_batchnorm_statistics(encoder)
     return encoder.eval()
 
 
@@ -94,7 +90,7 @@ def test_rosinality_pt_round_trip(tmp_path: Path, tiny_generator: tuple[Generato
     path = tmp_path / "rosinality.pt"
     torch.save({"g_ema": generator.state_dict(), "latent_avg": w_avg}, path)
     loaded, loaded_w_avg = load_generator(path)
-    assert loaded.config == TINY_GENERATOR
+    assert loaded.config == TINY_GENERATOR_W16
     _assert_same_state(loaded, generator)
     torch.testing.assert_close(loaded_w_avg, w_avg)
     torch.testing.assert_close(loaded.w_avg, w_avg)
@@ -162,14 +158,14 @@ def test_safetensors_generator_round_trip(
     path = tmp_path / "generator.safetensors"
     save_generator(path, generator, w_avg, extra_metadata={"license": "MIT"}, half=half)
     loaded, loaded_w_avg = load_generator(path)
-    assert loaded.config == TINY_GENERATOR
+    assert loaded.config == TINY_GENERATOR_W16
     tolerance = 1e-3 if half else 0.0  # fp16 keeps ~11 significant bits
     _assert_same_state(loaded, generator, tolerance)
     torch.testing.assert_close(loaded_w_avg, w_avg, atol=tolerance, rtol=tolerance)
     metadata = read_metadata(path)
     assert metadata["license"] == "MIT"
     assert metadata["format"] == weights.GENERATOR_FORMAT
-    assert GeneratorConfig.from_dict(json.loads(metadata["config"])) == TINY_GENERATOR
+    assert GeneratorConfig.from_dict(json.loads(metadata["config"])) == TINY_GENERATOR_W16
     if half:
         assert path.stat().st_size < 0.6 * sum(t.numel() * 4 for t in generator.state_dict().values())
 
@@ -218,7 +214,7 @@ def _write_rosinality(path: Path, state: dict[str, torch.Tensor]) -> None:
 def _write_safetensors(path: Path, state: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
-    config = json.dumps(TINY_GENERATOR.to_dict())
+    config = json.dumps(TINY_GENERATOR_W16.to_dict())
     metadata = {"format": "fluidsrv-generator", "config": config}
     save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata=metadata)
 
