@@ -8,6 +8,7 @@ or as ``seed:N`` (a random face of the generator, truncated by ``--truncation``)
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,20 +37,16 @@ def register(subparsers: Any) -> None:
     mix.add_argument("--percent", type=float, help="blend A toward B by this many percent instead of swapping")
     mix.add_argument("--out", type=Path, default=Path("mix.png"), help="output image (default mix.png)")
     mix.add_argument("--save-latents", type=Path, help="also write the result's ws as safetensors")
-    _add_common(mix)
-    mix.set_defaults(handler=run_mix)
+    _add_common(mix, run_mix)
 
     morph = subparsers.add_parser(
         "morph", help="morph video through several faces", description="Interpolate through the faces in order."
     )
     morph.add_argument("faces", nargs="+", help="two or more latents files or seed:N")
-    morph.add_argument("--out", type=Path, default=Path("morph.mp4"), help="output .mp4 or .gif (default morph.mp4)")
-    morph.add_argument("--frames", type=int, default=24, help="frames per transition (default 24)")
-    morph.add_argument("--fps", type=float, default=24.0, help="frames per second (default 24)")
+    _add_video_output(morph, "morph.mp4", frames=24, frames_help="frames per transition")
     morph.add_argument("--loop", action="store_true", help="return to the first face at the end")
     morph.add_argument("--linear", action="store_true", help="constant speed (no easing at each face)")
-    _add_common(morph)
-    morph.set_defaults(handler=run_morph)
+    _add_common(morph, run_morph)
 
     loop = subparsers.add_parser(
         "loop",
@@ -58,23 +55,19 @@ def register(subparsers: Any) -> None:
         "into the first.",
     )
     loop.add_argument("face", help="latents file or seed:N")
-    loop.add_argument("--out", type=Path, default=Path("loop.gif"), help="output .gif or .mp4 (default loop.gif)")
-    loop.add_argument("--frames", type=int, default=48, help="frames in one loop (default 48)")
-    loop.add_argument("--fps", type=float, default=24.0, help="frames per second (default 24)")
+    _add_video_output(loop, "loop.gif", frames=48, frames_help="frames in one loop")
     loop.add_argument("--layers", default="all", help="coarse | middle | fine | START:STOP | all (default all)")
     loop.add_argument("--amplitude", type=float, default=0.5, help="offset size in stds of w (default 0.5)")
     loop.add_argument("--harmonics", type=int, default=2, help="random offsets, at 1..H cycles per loop (default 2)")
     loop.add_argument("--seed", type=int, default=0, help="seed of the random offsets (default 0)")
-    _add_common(loop)
-    loop.set_defaults(handler=run_loop)
+    _add_common(loop, run_loop)
 
     directions = subparsers.add_parser("directions", help="list edit directions or compute attribute directions")
     actions = directions.add_subparsers(dest="action", required=True, metavar="ACTION")
     listing = actions.add_parser("list", help="print the directions a source offers for the generator")
     listing.add_argument("--source", default="sefa", help="direction plugin name (default sefa)")
     listing.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a plugin option")
-    _add_common(listing)
-    listing.set_defaults(handler=run_directions_list)
+    _add_common(listing, run_directions_list)
     compute = actions.add_parser(
         "compute",
         help="fit and cache the attribute directions of the generator",
@@ -86,14 +79,22 @@ def register(subparsers: Any) -> None:
     compute.add_argument("--batch", type=int, default=16, help="render batch size (default 16)")
     compute.add_argument("--fraction", type=float, default=0.3, help="top/bottom share per class (default 0.3)")
     compute.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    _add_common(compute)
-    compute.set_defaults(handler=run_directions_compute)
+    _add_common(compute, run_directions_compute)
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
+def _add_video_output(parser: argparse.ArgumentParser, out: str, frames: int, frames_help: str) -> None:
+    """Add --out (a video file, default ``out``), --frames (default ``frames``) and --fps."""
+    parser.add_argument("--out", type=Path, default=Path(out), help=f"output .mp4 or .gif (default {out})")
+    parser.add_argument("--frames", type=int, default=frames, help=f"{frames_help} (default {frames})")
+    parser.add_argument("--fps", type=float, default=24.0, help="frames per second (default 24)")
+
+
+def _add_common(parser: argparse.ArgumentParser, handler: Callable[[argparse.Namespace], int]) -> None:
+    """Add the generator, truncation and device flags every command takes, and the command's handler."""
     parser.add_argument("--generator", type=Path, help=f"generator checkpoint (default weights/{EMBEDDED_GENERATOR})")
     parser.add_argument("--truncation", type=float, default=0.7, help="truncation psi for seed:N faces (default 0.7)")
     parser.add_argument("--device", default="cpu", help='"cpu" (default), "cuda" or "cuda:N"')
+    parser.set_defaults(handler=handler)
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -192,6 +193,15 @@ def _check_video_out(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
 
 
+def _write_video(args: argparse.Namespace, generator: Generator, path: torch.Tensor) -> int:
+    """Render the latent path ``path`` [F, num_ws, w_dim] to --out at --fps; return the number of frames."""
+    from fluidsrv.videos import render_frames, write_video
+
+    frames = render_frames(generator, path)
+    write_video(args.out, frames, args.fps)
+    return len(frames)
+
+
 # ---------------------------------------------------------------------------------------------- commands
 
 
@@ -223,7 +233,6 @@ def run_morph(args: argparse.Namespace) -> int:
     import torch
 
     from fluidsrv.latents import morph_path
-    from fluidsrv.videos import render_frames, write_video
 
     if len(args.faces) < 2:
         raise CliError("morph needs at least two faces")
@@ -233,16 +242,14 @@ def run_morph(args: argparse.Namespace) -> int:
     generator = load_cli_generator(args.generator, args.device)
     keyframes = torch.cat([load_face(face, generator, args.truncation) for face in args.faces])  # [K, L, D]
     path = morph_path(keyframes, args.frames, loop=args.loop, ease=not args.linear)  # [F, L, D]
-    frames = render_frames(generator, path)
-    write_video(args.out, frames, args.fps)
-    print(f"wrote {args.out}: {len(frames)} frames through {len(args.faces)} faces")
+    frames = _write_video(args, generator, path)
+    print(f"wrote {args.out}: {frames} frames through {len(args.faces)} faces")
     return 0
 
 
 def run_loop(args: argparse.Namespace) -> int:
     """Render a seamless deform loop around one face."""
     from fluidsrv.latents import deform_loop, latent_spread
-    from fluidsrv.videos import render_frames, write_video
 
     if args.frames < 2 or args.harmonics < 1 or args.fps <= 0:
         raise CliError("--frames must be >= 2, --harmonics >= 1 and --fps > 0")
@@ -260,9 +267,8 @@ def run_loop(args: argparse.Namespace) -> int:
         spread=spread,
         seed=args.seed,
     )
-    frames = render_frames(generator, path)
-    write_video(args.out, frames, args.fps)
-    print(f"wrote {args.out}: {len(frames)} frames, layers [{layers[0]}, {layers[1]})")
+    frames = _write_video(args, generator, path)
+    print(f"wrote {args.out}: {frames} frames, layers [{layers[0]}, {layers[1]})")
     return 0
 
 

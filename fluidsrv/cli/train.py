@@ -15,14 +15,19 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fluidsrv.cli import CliError
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 TARGET_MODULES: tuple[str, ...] = ("fluidsrv.cli.train_encoder", "fluidsrv.training.attributes")
 """Modules that add a ``train`` target, each defining ``register_target(targets) -> None``."""
+
+ConfigT = TypeVar("ConfigT", bound="DataclassInstance")
 
 
 def register(subparsers: Any) -> None:
@@ -48,10 +53,7 @@ def register_generator(targets: Any) -> None:
         description="Train (or resume) a StyleGAN2 generator. RUN receives checkpoint-*.safetensors (+ -optim), "
         "generator.safetensors (the fp16 EMA generator with w_avg), samples-*.png and log.jsonl.",
     )
-    parser.add_argument("--data", type=Path, required=True, help="folder with faces128-*.zip shards")
-    parser.add_argument("--out", type=Path, required=True, help="run folder to write into")
-    parser.add_argument("--kimg", type=float, required=True, help="train until this many thousand images in total")
-    parser.add_argument("--resume", type=Path, help="checkpoint file, or a run folder (its newest checkpoint)")
+    add_run_arguments(parser, counted="images")
     parser.add_argument(
         "--config", choices=sorted(CONFIGS), help="training config (default embedded-128, or the resumed one's)"
     )
@@ -59,56 +61,102 @@ def register_generator(targets: Any) -> None:
     parser.add_argument("--lr", type=float, help="Adam learning rate of G and D")
     parser.add_argument("--gamma", type=float, help="R1 weight γ")
     parser.add_argument("--augment", help='DiffAugment policies, e.g. "color,translation,cutout" or "none"')
-    parser.add_argument("--snapshot-kimg", type=float, help="checkpoint interval in thousand images")
-    parser.add_argument("--log-every", type=int, help="steps between log lines")
     parser.add_argument("--pl-weight", type=float, help="path-length regularisation weight (0 = off)")
-    parser.add_argument("--seed", type=int, help="random seed")
-    parser.add_argument("--minutes", type=float, help="stop (with a snapshot) after this many minutes")
-    parser.add_argument("--device", default="auto", help='"auto" (CUDA when available), "cpu" or "cuda:N"')
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
     parser.add_argument(
         "--preload",
         action=argparse.BooleanOptionalAction,
         help="decode all faces onto the device first (default: on CUDA)",
     )
-    parser.add_argument("--keep", type=int, default=2, help="checkpoints to keep in RUN (default 2)")
-    parser.add_argument("--limit", type=int, help="train on only the first N faces (smoke tests)")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     parser.set_defaults(handler=run_generator)
 
 
-_OVERRIDES = {
-    "batch": "batch_size",
-    "gamma": "r1_gamma",
-    "augment": "augment",
-    "snapshot_kimg": "snapshot_kimg",
-    "log_every": "log_every",
-    "pl_weight": "pl_weight",
-    "seed": "seed",
-}
+def add_run_arguments(parser: argparse.ArgumentParser, counted: str) -> None:
+    """Add the flags every checkpointed training target shares; ``counted`` names what --kimg counts."""
+    parser.add_argument("--data", type=Path, required=True, help="folder with faces128-*.zip shards")
+    parser.add_argument("--out", type=Path, required=True, help="run folder to write into")
+    parser.add_argument("--kimg", type=float, required=True, help=f"train until this many thousand {counted} in total")
+    parser.add_argument("--resume", type=Path, help="checkpoint file, or a run folder (its newest checkpoint)")
+    parser.add_argument("--snapshot-kimg", type=float, help=f"checkpoint interval in thousand {counted}")
+    parser.add_argument("--log-every", type=int, help="steps between log lines")
+    parser.add_argument("--seed", type=int, help="random seed")
+    parser.add_argument("--minutes", type=float, help="stop (with a snapshot) after this many minutes")
+    parser.add_argument("--device", default="auto", help='"auto" (CUDA when available), "cpu" or "cuda:N"')
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    parser.add_argument("--keep", type=int, default=2, help="checkpoints to keep in RUN (default 2)")
+    parser.add_argument("--limit", type=int, help="train on only the first N faces (smoke tests)")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
 
 
-def _train_config(args: argparse.Namespace) -> Any:
-    """The config named by --config (or the resumed run's, or embedded-128) with the flags applied."""
-    from fluidsrv.training.configs import get_config
-    from fluidsrv.training.gan import latest_checkpoint, stored_train_config
+def check_run_arguments(args: argparse.Namespace) -> None:
+    """Apply --threads and check --data and --keep (see :func:`add_run_arguments`), or raise CliError."""
+    import torch
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if not args.data.is_dir():
+        raise CliError(f"--data {args.data} is not a folder")
+    if args.keep < 1:
+        raise CliError("--keep must be ≥ 1")
+
+
+def run_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The run-length and data options of :func:`add_run_arguments`, as the trainers' keyword arguments."""
+    return {
+        "kimg": args.kimg,
+        "resume": args.resume,
+        "minutes": args.minutes,
+        "device": args.device,
+        "num_workers": args.workers,
+        "keep": args.keep,
+        "limit": args.limit,
+    }
+
+
+def train_config(
+    args: argparse.Namespace,
+    named: Callable[[str], ConfigT],
+    stored: Callable[[Path], ConfigT],
+    default: str,
+    overrides: Mapping[str, tuple[str, ...]],
+) -> ConfigT:
+    """The config named by --config (else the resumed checkpoint's, else ``default``) with the flags applied.
+
+    ``overrides`` maps a flag's dest to the config fields it sets (when given); an invalid result is a CliError.
+    """
+    from fluidsrv.training.checkpoints import resume_checkpoint
 
     if args.config is not None:
-        config = get_config(args.config)
+        config = named(args.config)
     elif args.resume is not None:
-        resume = latest_checkpoint(args.resume) if args.resume.is_dir() else args.resume
-        if resume is None or not resume.is_file():
-            raise CliError(f"no checkpoint to resume from at {args.resume}")
-        config = stored_train_config(resume)
+        try:
+            config = stored(resume_checkpoint(args.resume))
+        except FileNotFoundError:
+            raise CliError(f"no checkpoint to resume from at {args.resume}") from None
     else:
-        config = get_config("embedded-128")
-    changes = {field: getattr(args, flag) for flag, field in _OVERRIDES.items() if getattr(args, flag) is not None}
-    if args.lr is not None:
-        changes.update(g_lr=args.lr, d_lr=args.lr)
+        config = named(default)
+    changes = {
+        field: getattr(args, flag)
+        for flag, fields in overrides.items()
+        if getattr(args, flag) is not None
+        for field in fields
+    }
     try:
         return dataclasses.replace(config, **changes)
     except ValueError as error:
         raise CliError(str(error)) from error
+
+
+_OVERRIDES = {
+    "batch": ("batch_size",),
+    "lr": ("g_lr", "d_lr"),
+    "gamma": ("r1_gamma",),
+    "augment": ("augment",),
+    "snapshot_kimg": ("snapshot_kimg",),
+    "log_every": ("log_every",),
+    "pl_weight": ("pl_weight",),
+    "seed": ("seed",),
+}
+"""The generator's config flags and the TrainConfig fields they set."""
 
 
 @contextlib.contextmanager
@@ -130,32 +178,14 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 def run_generator(args: argparse.Namespace) -> int:
     """Train the generator as the flags say and print where the result went."""
-    import torch
+    from fluidsrv.training.configs import get_config
+    from fluidsrv.training.gan import GENERATOR_EXPORT, stored_train_config, train_gan
 
-    from fluidsrv.training.gan import GENERATOR_EXPORT, train_gan
-
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    if not args.data.is_dir():
-        raise CliError(f"--data {args.data} is not a folder")
-    if args.keep < 1:
-        raise CliError("--keep must be ≥ 1")
-    config = _train_config(args)
+    check_run_arguments(args)
+    config = train_config(args, get_config, stored_train_config, "embedded-128", _OVERRIDES)
     try:
         with _sigterm_as_interrupt():
-            state = train_gan(
-                config,
-                args.data,
-                args.out,
-                kimg=args.kimg,
-                resume=args.resume,
-                minutes=args.minutes,
-                device=args.device,
-                preload=args.preload,
-                num_workers=args.workers,
-                keep=args.keep,
-                limit=args.limit,
-            )
+            state = train_gan(config, args.data, args.out, preload=args.preload, **run_options(args))
     except (FileNotFoundError, ValueError) as error:
         raise CliError(str(error)) from error
     except KeyboardInterrupt:  # before training started: there is nothing to snapshot yet

@@ -5,7 +5,7 @@ Sizing rules that every config here obeys (``tests/test_training.py`` checks the
 * a training checkpoint holds G, G_ema and D in fp16 in one file of at most 16 MiB, the most a remote GPU run
   can hand back per file: ``2·|G| + |D| ≤ 8.0M`` parameters. This, not the 30 MB cap on the shipped G_ema,
   is the binding limit;
-* the optimizer state goes in a second file (see :mod:`fluidsrv.training.gan`), also ≤ 16 MiB.
+* the optimizer state goes in a second file (see :mod:`fluidsrv.training.checkpoints`), also ≤ 16 MiB.
 
 ``embedded-128``, the model a GPU run trains (G 2.69M / D 2.12M parameters; checkpoint 14.3 MiB, optimizer file
 9.2 MiB, shipped G_ema 5.4 MB in fp16):
@@ -44,12 +44,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, TypeVar
 
 from fluidsrv.models.stylegan2 import DiscriminatorConfig, GeneratorConfig
+from fluidsrv.training.checkpoints import CHECKPOINT_BUDGET_BYTES as CHECKPOINT_BUDGET_BYTES
 
-CHECKPOINT_BUDGET_BYTES = 16 * 2**20
-"""Largest training-checkpoint file (and optimizer-state file) a config may produce."""
+ConfigT = TypeVar("ConfigT")
 
 SHIPPED_GENERATOR_BUDGET_BYTES = 30 * 10**6
 """Largest fp16 G_ema the embedded model may ship as."""
@@ -167,9 +167,14 @@ TINY_32 = _gan(
 CONFIGS: dict[str, TrainConfig] = {config.name: config for config in (EMBEDDED_128, CPU_128, TINY_32)}
 
 
+def pick_config(configs: Mapping[str, ConfigT], name: str, kind: str) -> ConfigT:
+    """Return ``configs[name]``, or raise ValueError naming the ``kind`` of config and the choices."""
+    try:
+        return configs[name]
+    except KeyError:
+        raise ValueError(f"unknown {kind} {name!r}; choose from {sorted(configs)}") from None
+
+
 def get_config(name: str) -> TrainConfig:
     """Return the named training config."""
-    try:
-        return CONFIGS[name]
-    except KeyError:
-        raise ValueError(f"unknown training config {name!r}; choose from {sorted(CONFIGS)}") from None
+    return pick_config(CONFIGS, name, "training config")

@@ -33,31 +33,31 @@ import hashlib
 import json
 import logging
 import os
-import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from fluidsrv.latents import mix_styles
 from fluidsrv.models.e4e import E4EConfig, Encoder4Editing
 from fluidsrv.models.stylegan2 import Generator, GeneratorConfig
 from fluidsrv.perceptual import ImageDistance, inversion_distance
+from fluidsrv.training import checkpoints
+from fluidsrv.training.checkpoints import CHECKPOINT_BUDGET_BYTES as CHECKPOINT_BUDGET_BYTES
+from fluidsrv.training.checkpoints import latest_checkpoint as latest_checkpoint
+from fluidsrv.training.checkpoints import optimizer_path as optimizer_path
+from fluidsrv.training.configs import pick_config
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "fluidsrv-encoder-checkpoint"
 OPTIMIZER_FORMAT = "fluidsrv-encoder-optimizer"
-FORMAT_VERSION = "1"
-CHECKPOINT_GLOB = "checkpoint-*[0-9].safetensors"
 ENCODER_EXPORT = "encoder.safetensors"
 LOG_FILE = "log.jsonl"
-CHECKPOINT_BUDGET_BYTES = 16 * 2**20  # the most a remote GPU run can hand back per file
+LOGGED_METRICS = ("loss", "pixel", "latent", "sec_per_step")  # on the console
 SHIPPED_ENCODER_BUDGET_BYTES = 40 * 10**6  # weights/encoder-128.safetensors in fp16
 FINGERPRINT_KEY = "generator_fingerprint"
 MIN_INPUT_SIZE = 32  # the coarse map (input / 16) must be at least 2×2 for the style blocks
@@ -203,10 +203,7 @@ TRAIN_CONFIGS: dict[str, EncoderTrainConfig] = {config.name: config for config i
 
 def get_train_config(name: str) -> EncoderTrainConfig:
     """Return the named encoder training config."""
-    try:
-        return TRAIN_CONFIGS[name]
-    except KeyError:
-        raise ValueError(f"unknown encoder training config {name!r}; choose from {sorted(TRAIN_CONFIGS)}") from None
+    return pick_config(TRAIN_CONFIGS, name, "encoder training config")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -391,35 +388,24 @@ class EncoderTrainer:
 
     def save_checkpoint(self, path: Path) -> tuple[Path, Path]:
         """Write the weights checkpoint (fp16) and its optimizer file (bf16 second moments); return both paths."""
-        path = Path(path)
-        tensors = {"latent_avg": self.latent_avg.detach().float().cpu()}
-        for prefix, module in (("E", self.encoder), ("LD", self.latent_d)):
-            for key, value in module.state_dict().items():
-                value = value.detach().cpu()
-                tensors[f"{prefix}.{key}"] = (value.half() if value.is_floating_point() else value).contiguous()
+        tensors = {"latent_avg": self.latent_avg.detach().float().cpu(), **checkpoints.half_state(self._networks())}
         metadata = {
-            "format": CHECKPOINT_FORMAT,
-            "format_version": FORMAT_VERSION,
             "train_config": json.dumps(self.config.to_dict()),
             "encoder_config": json.dumps(self.encoder_config.to_dict()),
             "state": json.dumps(asdict(self.state)),
             FINGERPRINT_KEY: self.fingerprint,
         }
-        _atomic_save(tensors, path, metadata)
-        moments: dict[str, torch.Tensor] = {}
-        for prefix, module, optimizer in (("E", self.encoder, self.opt_e), ("LD", self.latent_d, self.opt_d)):
-            for name, parameter in module.named_parameters():
-                state = optimizer.state.get(parameter)
-                if state:
-                    key = f"{prefix}.{name}"
-                    moments[f"{key}.exp_avg_sq"] = state["exp_avg_sq"].detach().to("cpu", torch.bfloat16).contiguous()
-                    moments[f"{key}.step"] = torch.as_tensor(state["step"], dtype=torch.float32).reshape(()).cpu()
-        optim = optimizer_path(path)
-        _atomic_save(moments, optim, {"format": OPTIMIZER_FORMAT, "format_version": FORMAT_VERSION})
-        for written in (path, optim):
-            if written.stat().st_size > CHECKPOINT_BUDGET_BYTES:
-                log.warning("%s is %.1f MiB, over the 16 MiB budget", written, written.stat().st_size / 2**20)
-        return path, optim
+        return checkpoints.write_checkpoint(
+            path, tensors, metadata, self._optimizers(), (CHECKPOINT_FORMAT, OPTIMIZER_FORMAT)
+        )
+
+    def _networks(self) -> list[checkpoints.ModulePart]:
+        """The networks a checkpoint holds, with their key prefixes."""
+        return [("E", self.encoder), ("LD", self.latent_d)]
+
+    def _optimizers(self) -> list[checkpoints.OptimizerPart]:
+        """The optimizers a checkpoint's optimizer file holds, with their networks and key prefixes."""
+        return [("E", self.encoder, self.opt_e), ("LD", self.latent_d, self.opt_d)]
 
     @classmethod
     def from_checkpoint(
@@ -431,10 +417,7 @@ class EncoderTrainer:
         config: EncoderTrainConfig | None = None,
     ) -> EncoderTrainer:
         """Rebuild a trainer from a checkpoint to resume; ``generator`` must be the one it was trained with."""
-        path = Path(path)
-        tensors, metadata = _read_safetensors(path)
-        if metadata.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} file (format={metadata.get('format')!r})")
+        tensors, metadata = checkpoints.read_checkpoint(path, CHECKPOINT_FORMAT)
         stored = EncoderTrainConfig.from_dict(json.loads(metadata["train_config"]))
         config = stored if config is None else config
         if config.architecture != stored.architecture:
@@ -446,19 +429,11 @@ class EncoderTrainer:
                 f"{fingerprint}: resume with the same generator file"
             )
         trainer = cls(config, generator, perceptual, device)
-        for prefix, module in (("E", trainer.encoder), ("LD", trainer.latent_d)):
-            state = {key[len(prefix) + 1 :]: value for key, value in tensors.items() if key.startswith(prefix + ".")}
-            module.load_state_dict({key: _as_float(value) for key, value in state.items()}, strict=True)
+        checkpoints.load_state(trainer._networks(), tensors)
         trainer.latent_avg = tensors["latent_avg"].float().to(trainer.device)
         trainer.state = EncoderTrainState(**json.loads(metadata["state"]))
         trainer._rng.manual_seed(config.seed + trainer.state.step)
-        optim = optimizer_path(path)
-        if optim.exists():
-            moments, _ = _read_safetensors(optim)
-            _restore_second_moments("E", trainer.encoder, trainer.opt_e, moments)
-            _restore_second_moments("LD", trainer.latent_d, trainer.opt_d, moments)
-        else:
-            log.warning("no optimizer state %s: resuming with fresh Adam moments", optim)
+        checkpoints.restore_optimizers(path, trainer._optimizers())
         return trainer
 
     def export(self, path: Path, generator_file: str, extra: dict[str, str] | None = None) -> None:
@@ -497,62 +472,9 @@ class EncoderTrainer:
         return encoder
 
 
-def _as_float(value: torch.Tensor) -> torch.Tensor:
-    return value.float() if value.is_floating_point() else value
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    partial = path.with_name(path.name + ".partial")
-    save_file(tensors, str(partial), metadata=metadata)
-    os.replace(partial, path)
-
-
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = dict(handle.metadata() or {})
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open is no dict)
-    return tensors, metadata
-
-
-def _restore_second_moments(
-    prefix: str, module: nn.Module, optimizer: torch.optim.Adam, moments: dict[str, torch.Tensor]
-) -> None:
-    """Load bf16 second moments into ``optimizer``; first moments restart at zero (see the module docstring)."""
-    names = {id(parameter): name for name, parameter in module.named_parameters()}
-    (group,) = optimizer.param_groups
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for index, parameter in enumerate(group["params"]):
-        key = f"{prefix}.{names[id(parameter)]}"
-        if f"{key}.exp_avg_sq" not in moments:
-            continue
-        second = moments[f"{key}.exp_avg_sq"].float()
-        assert second.shape == parameter.shape, f"{key}: moment {tuple(second.shape)} vs {tuple(parameter.shape)}"
-        state[index] = {
-            "step": moments[f"{key}.step"].float(),
-            "exp_avg": torch.zeros_like(second),
-            "exp_avg_sq": second,
-        }
-    saved = optimizer.state_dict()
-    saved["state"] = state
-    optimizer.load_state_dict(saved)
-
-
-def optimizer_path(checkpoint: Path) -> Path:
-    """Return the optimizer-state file that belongs to a checkpoint file."""
-    return checkpoint.with_name(checkpoint.stem + "-optim.safetensors")
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """Return the newest ``checkpoint-*.safetensors`` of a run folder (by step), or None."""
-    candidates = sorted(Path(run_dir).glob(CHECKPOINT_GLOB))
-    return candidates[-1] if candidates else None
-
-
 def stored_train_config(path: Path) -> EncoderTrainConfig:
     """Return the training config stored in an encoder checkpoint."""
-    _, metadata = _read_safetensors(Path(path))
-    if metadata.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} file")
+    metadata = checkpoints.read_checkpoint_metadata(path, CHECKPOINT_FORMAT)
     return EncoderTrainConfig.from_dict(json.loads(metadata["train_config"]))
 
 
@@ -566,8 +488,7 @@ def is_gan_checkpoint(path: Path) -> bool:
     from fluidsrv.training.gan import CHECKPOINT_FORMAT as GAN_FORMAT
 
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            return (handle.metadata() or {}).get("format") == GAN_FORMAT
+        return checkpoints.read_metadata(path).get("format") == GAN_FORMAT
     except Exception:  # not a safetensors file
         return False
 
@@ -612,13 +533,11 @@ def _snapshot(trainer: EncoderTrainer, run: EncoderRun, preview: torch.Tensor) -
     from fluidsrv.training.gan import save_image_grid
 
     step = trainer.state.step
-    checkpoint, _ = trainer.save_checkpoint(run.run_dir / f"checkpoint-{step:07d}.safetensors")
+    checkpoint, _ = trainer.save_checkpoint(checkpoints.checkpoint_path(run.run_dir, step))
     trainer.export(run.run_dir / ENCODER_EXPORT, run.generator_file or run.generator_path.name)
     grid = torch.cat([preview, trainer.reconstruct(preview).cpu()], dim=0)  # [2P, 3, R, R]: reals over recons
     save_image_grid(grid, run.run_dir / f"recon-{step:07d}.png", columns=preview.shape[0])
-    for old in sorted(run.run_dir.glob(CHECKPOINT_GLOB))[: -run.keep]:
-        old.unlink()
-        optimizer_path(old).unlink(missing_ok=True)
+    checkpoints.prune_checkpoints(run.run_dir, run.keep)
     return checkpoint
 
 
@@ -629,14 +548,10 @@ def train_encoder(config: EncoderTrainConfig, run: EncoderRun) -> EncoderTrainSt
     the run is interrupted with Ctrl-C.
     """
     from fluidsrv.training.data import BatchStream, FaceShardDataset
-    from fluidsrv.training.gan import resolve_device
+    from fluidsrv.training.gan import MetricLog, RunLength, run_steps, training_device, write_run_config
 
-    device = resolve_device(run.device)
+    device = training_device(run.device)
     run.run_dir.mkdir(parents=True, exist_ok=True)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     generator = load_training_generator(run.generator_path, device)
     discriminator = run.discriminator
     if discriminator is None and is_gan_checkpoint(run.generator_path):
@@ -644,15 +559,13 @@ def train_encoder(config: EncoderTrainConfig, run: EncoderRun) -> EncoderTrainSt
     perceptual = inversion_distance(run.cache_dir, discriminator, device=device)
     log.info("perceptual distance: %s", perceptual.name)
     if run.resume is not None:
-        resume = latest_checkpoint(run.resume) if Path(run.resume).is_dir() else Path(run.resume)
-        if resume is None:
-            raise FileNotFoundError(f"no checkpoint to resume from in {run.resume}")
+        resume = checkpoints.resume_checkpoint(run.resume)
         trainer = EncoderTrainer.from_checkpoint(resume, generator, perceptual, device, config)
         log.info("resumed %s at step %d (%.2f kimg)", resume, trainer.state.step, trainer.state.kimg)
     else:
         trainer = EncoderTrainer(config, generator, perceptual, device)
     config = trainer.config
-    (run.run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    write_run_config(run.run_dir, config.to_dict())
 
     dataset = FaceShardDataset(run.data_dir, "train", generator.resolution, xflip=config.xflip, limit=run.limit)
     stream = iter(
@@ -667,59 +580,12 @@ def train_encoder(config: EncoderTrainConfig, run: EncoderRun) -> EncoderTrainSt
     )
     preview = next(stream)[:8].cpu()  # [P, 3, R, R]
     log.info("training encoder %s on %d faces on %s", config.name, dataset.num_faces, device)
-    target_images = int(run.kimg * 1000)
-    snapshot_images = max(1, int(config.snapshot_kimg * 1000))
-    next_snapshot = (trainer.state.images_seen // snapshot_images + 1) * snapshot_images
-    deadline = None if run.minutes is None else time.monotonic() + run.minutes * 60.0
-    sums: dict[str, float] = {}
-    steps_since_log, started = 0, time.perf_counter()
-    try:
-        while trainer.state.images_seen < target_images and (deadline is None or time.monotonic() < deadline):
-            metrics = trainer.step(next(stream))
-            for name, value in metrics.items():
-                sums[name] = sums.get(name, 0.0) + value
-            steps_since_log += 1
-            if trainer.state.step % config.log_every == 0:
-                started = _log_line(run.run_dir, trainer.state, sums, steps_since_log, started)
-                sums, steps_since_log = {}, 0
-            if trainer.state.images_seen >= next_snapshot:
-                snapshot_began = time.perf_counter()
-                _snapshot(trainer, run, preview)
-                started += time.perf_counter() - snapshot_began  # snapshots do not count as training time
-                next_snapshot += snapshot_images
-    except KeyboardInterrupt:
-        log.warning("interrupted at step %d: writing a final snapshot", trainer.state.step)
-    if steps_since_log:
-        _log_line(run.run_dir, trainer.state, sums, steps_since_log, started)
-    checkpoint = _snapshot(trainer, run, preview)
-    log.info("wrote %s (%.2f kimg, %d steps)", checkpoint, trainer.state.kimg, trainer.state.step)
-    return trainer.state
-
-
-def _log_line(run_dir: Path, state: EncoderTrainState, sums: dict[str, float], steps: int, started: float) -> float:
-    """Append the averaged metrics since the last line to log.jsonl; return the new interval start."""
-    now = time.perf_counter()
-    seconds = max(now - started, 1e-9)
-    state.train_seconds += seconds
-    record: dict[str, Any] = {"step": state.step, "kimg": round(state.kimg, 3)}
-    record.update({name: value / steps for name, value in sorted(sums.items())})
-    record.update(sec_per_step=seconds / steps, train_hours=state.train_seconds / 3600.0, time=time.time())
-    with (run_dir / LOG_FILE).open("a") as handle:
-        handle.write(json.dumps(record) + "\n")
-    log.info(
-        "step %d  %.2f kimg  loss %.4f  pixel %.4f  latent %.4f  %.2f s/step",
-        state.step,
-        state.kimg,
-        record.get("loss", float("nan")),
-        record.get("pixel", float("nan")),
-        record.get("latent", float("nan")),
-        record["sec_per_step"],
+    run_steps(
+        trainer.state,
+        stream,
+        trainer.step,
+        lambda: _snapshot(trainer, run, preview),
+        MetricLog(run.run_dir / LOG_FILE, LOGGED_METRICS),
+        RunLength(run.kimg, config.snapshot_kimg, config.log_every, run.minutes),
     )
-    if any(value != value for value in record.values() if isinstance(value, float)):  # NaN check
-        raise FloatingPointError(f"non-finite training metrics at step {state.step}: {record}")
-    return now
-
-
-def with_overrides(config: EncoderTrainConfig, **changes: Any) -> EncoderTrainConfig:
-    """Return ``config`` with the non-None ``changes`` applied."""
-    return replace(config, **{key: value for key, value in changes.items() if value is not None})
+    return trainer.state

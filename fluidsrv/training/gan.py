@@ -31,35 +31,48 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from fluidsrv.latents import mix_styles
 from fluidsrv.models.stylegan2 import Discriminator, Generator
 from fluidsrv.training.augment import diff_augment, parse_policy
-from fluidsrv.training.configs import CHECKPOINT_BUDGET_BYTES, TrainConfig
+from fluidsrv.training.checkpoints import (
+    ModulePart,
+    OptimizerPart,
+    checkpoint_path,
+    half_state,
+    load_state,
+    prune_checkpoints,
+    read_checkpoint,
+    read_checkpoint_metadata,
+    restore_optimizers,
+    resume_checkpoint,
+    write_checkpoint,
+)
+from fluidsrv.training.checkpoints import latest_checkpoint as latest_checkpoint
+from fluidsrv.training.checkpoints import optimizer_path as optimizer_path
+from fluidsrv.training.configs import TrainConfig
 from fluidsrv.training.data import BatchStream, FaceShardDataset
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "fluidsrv-gan-checkpoint"
 OPTIMIZER_FORMAT = "fluidsrv-gan-optimizer"
-FORMAT_VERSION = "1"
-CHECKPOINT_GLOB = "checkpoint-*[0-9].safetensors"
 GENERATOR_EXPORT = "generator.safetensors"
 LOG_FILE = "log.jsonl"
 SAMPLE_GRID_SHAPE = (8, 4)  # columns, rows of the sample grids
 W_AVG_SAMPLES = 10_000
+LOGGED_METRICS = ("loss_d", "loss_g", "r1", "real_logit", "fake_logit", "images_per_sec")  # on the console
 
 
 @dataclass
@@ -84,6 +97,16 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def training_device(device: str) -> torch.device:
+    """Resolve ``device`` for a training run; on CUDA also turn on cuDNN autotuning and TF32 matmuls."""
+    torch_device = resolve_device(device)
+    if torch_device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return torch_device
+
+
 def images_to_uint8(images: torch.Tensor) -> np.ndarray:
     """Convert model-side images ``[N, 3, H, W]`` in [-1, 1] to uint8 RGB ``[N, H, W, 3]``."""
     assert images.ndim == 4 and images.shape[1] == 3, images.shape
@@ -101,24 +124,6 @@ def save_image_grid(images: torch.Tensor, path: Path, columns: int) -> None:
         row, column = divmod(index, columns)
         grid[row * height : (row + 1) * height, column * width : (column + 1) * width] = image
     Image.fromarray(grid).save(path)
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Write a safetensors file under a temporary name and rename it, so a killed run leaves no torn file."""
-    partial = path.with_name(path.name + ".partial")
-    save_file(tensors, str(partial), metadata=metadata)
-    os.replace(partial, path)
-
-
-def optimizer_path(checkpoint: Path) -> Path:
-    """Return the optimizer-state file that belongs to a checkpoint file."""
-    return checkpoint.with_name(checkpoint.stem + "-optim.safetensors")
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """Return the newest ``checkpoint-*.safetensors`` of a run folder (by step), or None."""
-    candidates = sorted(Path(run_dir).glob(CHECKPOINT_GLOB))
-    return candidates[-1] if candidates else None
 
 
 def _to_channels_last(module: nn.Module) -> None:
@@ -302,32 +307,26 @@ class GanTrainer:
 
     def save_checkpoint(self, path: Path) -> tuple[Path, Path]:
         """Write the weights checkpoint and its optimizer file; return both paths."""
-        path = Path(path)
         w_avg = self.G_ema.estimate_w_avg(W_AVG_SAMPLES)  # [w_dim]
         self.G.w_avg.copy_(w_avg)
-        tensors = {"w_avg": w_avg.detach().float().cpu()}
-        for prefix, module in (("G", self.G), ("G_ema", self.G_ema), ("D", self.D)):
-            for key, value in module.state_dict().items():
-                tensors[f"{prefix}.{key}"] = value.detach().to("cpu", torch.float16).contiguous()
-        metadata = {
-            "format": CHECKPOINT_FORMAT,
-            "format_version": FORMAT_VERSION,
-            "train_config": json.dumps(self.config.to_dict()),
-            "state": json.dumps(asdict(self.state)),
-        }
-        _atomic_save(tensors, path, metadata)
+        tensors = {"w_avg": w_avg.detach().float().cpu(), **half_state(self._networks())}
+        metadata = {"train_config": json.dumps(self.config.to_dict()), "state": json.dumps(asdict(self.state))}
+        return write_checkpoint(
+            path,
+            tensors,
+            metadata,
+            self._optimizers(),
+            (CHECKPOINT_FORMAT, OPTIMIZER_FORMAT),
+            first_moments=self.config.betas[0] > 0,  # with β1 = 0 the first moment is the last gradient
+        )
 
-        moments: dict[str, torch.Tensor] = {}
-        for prefix, module, optimizer in (("G", self.G, self.opt_g), ("D", self.D, self.opt_d)):
-            moments.update(_optimizer_moments(prefix, module, optimizer))
-        optim = optimizer_path(path)
-        _atomic_save(moments, optim, {"format": OPTIMIZER_FORMAT, "format_version": FORMAT_VERSION})
-        for written in (path, optim):
-            if written.stat().st_size > CHECKPOINT_BUDGET_BYTES:
-                log.warning(
-                    "%s is %.1f MiB, over the 16 MiB checkpoint budget", written, written.stat().st_size / 2**20
-                )
-        return path, optim
+    def _networks(self) -> list[ModulePart]:
+        """The networks a checkpoint holds, with their key prefixes."""
+        return [("G", self.G), ("G_ema", self.G_ema), ("D", self.D)]
+
+    def _optimizers(self) -> list[OptimizerPart]:
+        """The optimizers a checkpoint's optimizer file holds, with their networks and key prefixes."""
+        return [("G", self.G, self.opt_g), ("D", self.D, self.opt_d)]
 
     @classmethod
     def from_checkpoint(
@@ -338,105 +337,54 @@ class GanTrainer:
         ``config`` overrides the stored training config (batch, rates, augmentation...); its architectures
         must equal the checkpoint's.
         """
-        path = Path(path)
-        tensors, metadata = _read_safetensors(path)
-        if metadata.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} file (format={metadata.get('format')!r})")
+        tensors, metadata = read_checkpoint(path, CHECKPOINT_FORMAT)
         stored = TrainConfig.from_dict(json.loads(metadata["train_config"]))
         config = stored if config is None else config
         if (config.generator, config.discriminator) != (stored.generator, stored.discriminator):
             raise ValueError(f"{path} was trained with config {stored.name!r}, whose architecture differs")
         trainer = cls(config, device)
-        for prefix, module in (("G", trainer.G), ("G_ema", trainer.G_ema), ("D", trainer.D)):
-            state = {
-                key[len(prefix) + 1 :]: value.float() for key, value in tensors.items() if key.startswith(prefix + ".")
-            }
-            module.load_state_dict(state, strict=True)
+        load_state(trainer._networks(), tensors)
         trainer.G.w_avg.copy_(tensors["w_avg"])
         trainer.G_ema.w_avg.copy_(tensors["w_avg"])
         trainer.state = TrainState(**json.loads(metadata["state"]))
-        optim = optimizer_path(path)
-        if optim.exists():
-            moments, _ = _read_safetensors(optim)
-            _restore_optimizer("G", trainer.G, trainer.opt_g, moments)
-            _restore_optimizer("D", trainer.D, trainer.opt_d, moments)
-        else:
-            log.warning("no optimizer state %s: resuming with fresh Adam moments", optim)
+        restore_optimizers(path, trainer._optimizers())
         return trainer
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = dict(handle.metadata() or {})
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open is no dict)
-    return tensors, metadata
+# ------------------------------------------------------------------------------ the driver (the encoder's too)
 
 
-def _read_safetensors_header(path: Path) -> tuple[list[str], dict[str, str]]:
-    with safe_open(str(path), framework="pt") as handle:
-        return list(handle.keys()), dict(handle.metadata() or {})
+class RunCounters(Protocol):
+    """The counters of a training run that the driver reads and updates (TrainState and the encoder's alike)."""
+
+    step: int
+    images_seen: int
+    train_seconds: float
+
+    @property
+    def kimg(self) -> float:
+        """Thousands of real images seen."""
+        ...
 
 
-def _optimizer_moments(prefix: str, module: nn.Module, optimizer: torch.optim.Adam) -> dict[str, torch.Tensor]:
-    """The Adam state worth keeping, by parameter name: bf16 second moments, steps, first moments if β1 > 0."""
-    (group,) = optimizer.param_groups
-    keep_first = group["betas"][0] > 0
-    out: dict[str, torch.Tensor] = {}
-    for name, param in module.named_parameters():
-        state = optimizer.state.get(param)
-        if not state:
-            continue
-        key = f"{prefix}.{name}"
-        out[f"{key}.exp_avg_sq"] = state["exp_avg_sq"].detach().to("cpu", torch.bfloat16).contiguous()
-        out[f"{key}.step"] = torch.as_tensor(state["step"], dtype=torch.float32).detach().cpu().reshape(())
-        if keep_first:
-            out[f"{key}.exp_avg"] = state["exp_avg"].detach().to("cpu", torch.bfloat16).contiguous()
-    return out
-
-
-def _restore_optimizer(
-    prefix: str, module: nn.Module, optimizer: torch.optim.Adam, moments: dict[str, torch.Tensor]
-) -> None:
-    """Load the moments written by :func:`_optimizer_moments` into ``optimizer`` (whose params are ``module``'s)."""
-    names = {id(param): name for name, param in module.named_parameters()}
-    (group,) = optimizer.param_groups
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for index, param in enumerate(group["params"]):
-        key = f"{prefix}.{names[id(param)]}"
-        if f"{key}.exp_avg_sq" not in moments:
-            continue
-        second = moments[f"{key}.exp_avg_sq"].float()
-        assert second.shape == param.shape, f"{key}: optimizer state {tuple(second.shape)} vs {tuple(param.shape)}"
-        first = moments.get(f"{key}.exp_avg")
-        state[index] = {
-            "step": moments[f"{key}.step"].float(),
-            "exp_avg": torch.zeros_like(second) if first is None else first.float(),
-            "exp_avg_sq": second,
-        }
-    saved = optimizer.state_dict()
-    saved["state"] = state
-    optimizer.load_state_dict(saved)
-
-
-# ------------------------------------------------------------------------------------------ the driver
-
-
-class _MetricLog:
+class MetricLog:
     """Averages step metrics between log lines, times the training between them, and appends JSON lines."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, shown: Sequence[str] = ()) -> None:
         self.path = path
+        self.shown = tuple(shown)  # the record entries that the console line shows
         self._reset(time.perf_counter())
 
     def _reset(self, now: float) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
+        self.sums: dict[str, torch.Tensor | float] = {}
         self.counts: dict[str, int] = {}
         self.steps = 0
         self.images = 0
         self.started = now
         self.excluded = 0.0  # seconds since ``started`` spent outside training steps (snapshots)
 
-    def add(self, metrics: dict[str, torch.Tensor], images: int) -> None:
+    def add(self, metrics: Mapping[str, torch.Tensor | float], images: int) -> None:
+        """Add one step's metrics (device tensors or floats) and its number of real images."""
         for name, value in metrics.items():
             self.sums[name] = self.sums[name] + value if name in self.sums else value
             self.counts[name] = self.counts.get(name, 0) + 1
@@ -444,9 +392,10 @@ class _MetricLog:
         self.images += images
 
     def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` (spent on a snapshot) out of the training time."""
         self.excluded += seconds
 
-    def flush(self, state: TrainState) -> dict[str, Any]:
+    def flush(self, state: RunCounters) -> dict[str, Any]:
         """Write one line (averages since the last one), add the interval to ``state.train_seconds``."""
         means = {name: float(self.sums[name]) / self.counts[name] for name in sorted(self.sums)}  # waits for the device
         now = time.perf_counter()
@@ -460,9 +409,63 @@ class _MetricLog:
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
         self._reset(now)
+        shown = "  ".join(f"{name}={record[name]:.4g}" for name in self.shown if name in record)
+        log.info("step %d  %.2f kimg  %s", state.step, state.kimg, shown)
         if not all(math.isfinite(value) for value in means.values()):
             raise FloatingPointError(f"non-finite training metrics at step {state.step}: {means}")
         return record
+
+
+@dataclass(frozen=True)
+class RunLength:
+    """How long a run trains (``kimg`` thousand real images in total, or ``minutes``) and how often it snapshots."""
+
+    kimg: float
+    snapshot_kimg: float
+    log_every: int  # steps between log lines
+    minutes: float | None = None
+
+
+def run_steps(
+    state: RunCounters,
+    batches: Iterator[torch.Tensor],
+    step: Callable[[torch.Tensor], Mapping[str, torch.Tensor | float]],
+    snapshot: Callable[[], Path],
+    metric_log: MetricLog,
+    length: RunLength,
+) -> Path:
+    """Step on real batches until ``length`` is reached (or Ctrl-C), logging and snapshotting on the way.
+
+    ``step`` trains on one batch and advances ``state``; ``snapshot`` writes a checkpoint and returns its path.
+    A final snapshot is always written, also after an interrupt; returns its checkpoint.
+    """
+    target_images = int(length.kimg * 1000)
+    snapshot_images = max(1, int(length.snapshot_kimg * 1000))
+    next_snapshot = (state.images_seen // snapshot_images + 1) * snapshot_images
+    deadline = None if length.minutes is None else time.monotonic() + length.minutes * 60.0
+    try:
+        while state.images_seen < target_images and (deadline is None or time.monotonic() < deadline):
+            reals = next(batches)
+            metric_log.add(step(reals), reals.shape[0])
+            if state.step % length.log_every == 0:
+                metric_log.flush(state)
+            if state.images_seen >= next_snapshot:
+                started = time.perf_counter()
+                snapshot()
+                metric_log.exclude(time.perf_counter() - started)
+                next_snapshot += snapshot_images
+    except KeyboardInterrupt:
+        log.warning("interrupted at step %d: writing a final snapshot", state.step)
+    if metric_log.steps:
+        metric_log.flush(state)
+    checkpoint = snapshot()
+    log.info("wrote %s (%.2f kimg, %d steps)", checkpoint, state.kimg, state.step)
+    return checkpoint
+
+
+def write_run_config(run_dir: Path, config: dict[str, Any]) -> None:
+    """Write a run's training config (as its ``to_dict``) to ``config.json`` in the run folder."""
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _snapshot(trainer: GanTrainer, run_dir: Path, fixed_z: torch.Tensor, keep: int) -> Path:
@@ -470,16 +473,14 @@ def _snapshot(trainer: GanTrainer, run_dir: Path, fixed_z: torch.Tensor, keep: i
     from fluidsrv.weights import save_generator
 
     step = trainer.state.step
-    checkpoint, _ = trainer.save_checkpoint(run_dir / f"checkpoint-{step:07d}.safetensors")
+    checkpoint, _ = trainer.save_checkpoint(checkpoint_path(run_dir, step))
     info = {"training_config": trainer.config.name, "kimg": f"{trainer.state.kimg:.1f}", "step": str(step)}
     export = run_dir / GENERATOR_EXPORT
     save_generator(export.with_name(export.name + ".partial"), trainer.G_ema, trainer.G_ema.w_avg, info, half=True)
     os.replace(export.with_name(export.name + ".partial"), export)
     columns = SAMPLE_GRID_SHAPE[0]
     save_image_grid(trainer.sample(fixed_z), run_dir / f"samples-{step:07d}.png", columns)
-    for old in sorted(run_dir.glob(CHECKPOINT_GLOB))[:-keep]:
-        old.unlink()
-        optimizer_path(old).unlink(missing_ok=True)
+    prune_checkpoints(run_dir, keep)
     return checkpoint
 
 
@@ -502,23 +503,17 @@ def train_gan(
     image counters. ``preload`` (default: on CUDA) decodes the data once onto the device. A final snapshot is
     always written, also when the run is interrupted with Ctrl-C. Returns the final counters.
     """
-    torch_device = resolve_device(device)
+    torch_device = training_device(device)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if torch_device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     if resume is not None:
-        resume_path = latest_checkpoint(resume) if Path(resume).is_dir() else Path(resume)
-        if resume_path is None:
-            raise FileNotFoundError(f"no checkpoint to resume from in {resume}")
+        resume_path = resume_checkpoint(resume)
         trainer = GanTrainer.from_checkpoint(resume_path, torch_device, config)
         log.info("resumed %s at step %d (%.1f kimg)", resume_path, trainer.state.step, trainer.state.kimg)
     else:
         trainer = GanTrainer(config, torch_device)
     config = trainer.config
-    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    write_run_config(run_dir, config.to_dict())
 
     dataset = FaceShardDataset(data_dir, "train", config.resolution, xflip=config.xflip, limit=limit)
     stream = BatchStream(
@@ -543,53 +538,28 @@ def train_gan(
         shown = [next(batches) for _ in range(math.ceil(len(fixed_z) / config.batch_size))]
         save_image_grid(torch.cat(shown)[: len(fixed_z)], run_dir / "reals.png", SAMPLE_GRID_SHAPE[0])
 
-    metric_log = _MetricLog(run_dir / LOG_FILE)
-    target_images = int(kimg * 1000)
-    snapshot_images = max(1, int(config.snapshot_kimg * 1000))
-    next_snapshot = (trainer.state.images_seen // snapshot_images + 1) * snapshot_images
-    deadline = None if minutes is None else time.monotonic() + minutes * 60.0
-    try:
-        while trainer.state.images_seen < target_images and (deadline is None or time.monotonic() < deadline):
-            reals = next(batches)
-            metric_log.add(trainer.step(reals), reals.shape[0])
-            if trainer.state.step % config.log_every == 0:
-                record = metric_log.flush(trainer.state)
-                log.info("step %d  %.2f kimg  %s", trainer.state.step, trainer.state.kimg, _short(record))
-            if trainer.state.images_seen >= next_snapshot:
-                started = time.perf_counter()
-                _snapshot(trainer, run_dir, fixed_z, keep)
-                metric_log.exclude(time.perf_counter() - started)
-                next_snapshot += snapshot_images
-    except KeyboardInterrupt:
-        log.warning("interrupted at step %d: writing a final snapshot", trainer.state.step)
-    if metric_log.steps:
-        metric_log.flush(trainer.state)
-    checkpoint = _snapshot(trainer, run_dir, fixed_z, keep)
-    log.info("wrote %s (%.2f kimg, %d steps)", checkpoint, trainer.state.kimg, trainer.state.step)
+    run_steps(
+        trainer.state,
+        batches,
+        trainer.step,
+        lambda: _snapshot(trainer, run_dir, fixed_z, keep),
+        MetricLog(run_dir / LOG_FILE, LOGGED_METRICS),
+        RunLength(kimg, config.snapshot_kimg, config.log_every, minutes),
+    )
     return trainer.state
-
-
-def _short(record: dict[str, Any]) -> str:
-    names = ("loss_d", "loss_g", "r1", "real_logit", "fake_logit", "images_per_sec")
-    return "  ".join(f"{name}={record[name]:.3f}" for name in names if name in record)
 
 
 def stored_train_config(path: Path) -> TrainConfig:
     """Return the training config stored in a checkpoint."""
-    _, metadata = _read_safetensors_header(Path(path))
-    if metadata.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} file")
+    metadata = read_checkpoint_metadata(path, CHECKPOINT_FORMAT)
     return TrainConfig.from_dict(json.loads(metadata["train_config"]))
 
 
 def load_checkpoint_generator(path: Path, device: torch.device | str = "cpu") -> Generator:
     """Return the EMA generator (with ``w_avg`` set) of a training checkpoint, in eval mode."""
-    tensors, metadata = _read_safetensors(Path(path))
-    if metadata.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} file")
+    tensors, metadata = read_checkpoint(path, CHECKPOINT_FORMAT)
     config = TrainConfig.from_dict(json.loads(metadata["train_config"]))
     generator = Generator(config.generator)
-    state = {key[len("G_ema.") :]: value.float() for key, value in tensors.items() if key.startswith("G_ema.")}
-    generator.load_state_dict(state, strict=True)
+    load_state([("G_ema", generator)], tensors)
     generator.w_avg.copy_(tensors["w_avg"])
     return generator.to(device).eval().requires_grad_(False)
