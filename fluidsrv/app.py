@@ -11,6 +11,7 @@ import asyncio
 import base64
 import contextlib
 import functools
+import hmac
 import logging
 import time
 import uuid
@@ -44,11 +45,11 @@ from fluidsrv.protocol import (
     parse_face_choice,
     parse_stage_switch,
 )
-from fluidsrv.runtime import Runtime
-from fluidsrv.sessions import Session, SessionError, SessionStore
+from fluidsrv.runtime import Runtime, session_directions
+from fluidsrv.sessions import Session, SessionError, SessionStore, TooManySessionsError
 from fluidsrv.settings import REPO_ROOT, Settings
 from fluidsrv.stages import Face, Progress
-from fluidsrv.web import json_body, server_of, token_of
+from fluidsrv.web import ClientRateLimiter, TokenBucket, json_body, server_of, token_of
 
 log = logging.getLogger(__name__)
 
@@ -56,20 +57,26 @@ STATIC_DIR = REPO_ROOT / "static"
 EXPIRY_INTERVAL_SECONDS = 60.0
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
 PREVIEW_FORMAT = "webp"
+ABANDONED_UPLOAD_SECONDS = 120.0  # a full server may delete uploads idle this long whose face was never picked
 
 
 @dataclass(eq=False)
 class Connection:
-    """One open websocket of a session."""
+    """One open websocket of a session.
+
+    Preview frames go out through one slot: while a frame is being sent, only the newest next frame waits
+    (older ones are dropped), so a client that reads slowly never makes the server queue frames.
+    """
 
     socket: WebSocket
     session_id: str
     owner: str  # the executor owner of this connection's previews
-    allowance: float  # token bucket for the message rate limit
-    refilled_at: float
+    messages: TokenBucket  # the message rate limit
     last_sent: int = -1  # arrival number of the newest preview sent (older ones are dropped)
     arrivals: int = 0
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    waiting_frame: tuple[int, bytes] | None = None  # (arrival, frame) not sent yet
+    sending: bool = False
 
     async def send_text(self, text: str) -> None:
         """Send a JSON event; a closed socket is ignored."""
@@ -83,6 +90,23 @@ class Connection:
             with contextlib.suppress(RuntimeError, WebSocketDisconnect):
                 await self.socket.send_bytes(data)
 
+    async def offer_preview(self, arrival: int, frame: bytes) -> None:
+        """Send a preview frame, or leave it as the one waiting frame while an earlier one is being sent."""
+        if arrival <= self.last_sent or (self.waiting_frame is not None and arrival <= self.waiting_frame[0]):
+            return
+        self.waiting_frame = (arrival, frame)
+        if self.sending:
+            return
+        self.sending = True
+        try:
+            while self.waiting_frame is not None:
+                arrival, frame = self.waiting_frame
+                self.waiting_frame = None
+                self.last_sent = arrival
+                await self.send_bytes(frame)
+        finally:
+            self.sending = False
+
 
 class Server:
     """The running server's state: runtime, executor, sessions, open sockets and running jobs."""
@@ -95,6 +119,7 @@ class Server:
         self.connections: dict[str, set[Connection]] = {}
         self.jobs: dict[str, asyncio.Task[None]] = {}
         self.latest_progress: dict[str, tuple[str, bytes | None]] = {}  # session -> (event, frame) of a running job
+        self.uploads = ClientRateLimiter(settings.max_uploads_per_minute)
         self._background: set[asyncio.Task[None]] = set()
 
     def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
@@ -183,6 +208,7 @@ def _session_dict(session: Session, *, thumbnails: bool = False) -> dict[str, An
         "can_redo": bool(session.history.redo_stack),
         "result": f"{base}/result" if "result" in session.extra_arrays else None,
         "websocket": f"{base}/ws",
+        "custom_directions": [direction_dict(direction) for direction in session_directions(session).values()],
     }
 
 
@@ -221,12 +247,21 @@ async def config(request: Request) -> JSONResponse:
 async def switch_stage(request: Request) -> JSONResponse:
     """Switch a stage to another plugin at run time; the old one stays active if the new one fails."""
     server = server_of(request)
+    _require_admin(server.settings, request)
     stage, name = parse_stage_switch(await json_body(request))
     try:
         await server.executor.run(lambda: server.runtime.switch_stage(stage, name), priority=Priority.FINALIZE)
     except PluginError as error:
         raise ApiError(422, "plugin_unavailable", str(error)) from None
     return JSONResponse({"active": server.runtime.active_stages()})
+
+
+def _require_admin(settings: Settings, request: Request) -> None:
+    """Refuse unless the request carries the configured admin token (server-wide changes need it)."""
+    if not settings.admin_token:
+        raise ApiError(403, "admin_disabled", "set FLUIDSRV_ADMIN_TOKEN to allow switching plugins at run time")
+    if not hmac.compare_digest(token_of(request).encode(), settings.admin_token.encode()):
+        raise ApiError(401, "bad_admin_token", "this needs the server's admin token (Authorization: Bearer ...)")
 
 
 async def stats(request: Request) -> JSONResponse:
@@ -245,6 +280,10 @@ async def create_session(request: Request) -> JSONResponse:
     """Create a session from an uploaded photo and return its token and the faces found."""
     server = server_of(request)
     settings = server.settings
+    client = request.client.host if request.client else "unknown"
+    if not server.uploads.allow(client, time.monotonic()):
+        limit = settings.max_uploads_per_minute
+        raise ApiError(429, "rate_limited", f"at most {limit} uploads a minute from one address; try again soon")
     data, filename = await _read_upload(request, settings.max_upload_bytes)
     decoded = await asyncio.to_thread(
         decode_image, data, max_pixels=settings.max_pixels, max_bytes=settings.max_upload_bytes
@@ -252,13 +291,28 @@ async def create_session(request: Request) -> JSONResponse:
     faces = await asyncio.to_thread(pipeline.detect_faces, server.runtime, decoded.pixels)
     if not faces:
         raise ApiError(422, "no_face", "no face was found in this photo; try a photo where a face is clearly visible")
-    session, token = await asyncio.to_thread(server.store.create, upload=data, image=decoded.pixels)
+    session, token = await asyncio.to_thread(_create_room_for, server, data, decoded.pixels)
     session.faces = faces
     session.meta = {"status": "uploaded", "filename": filename}
     await asyncio.to_thread(server.store.persist, session)
     body = _session_dict(session, thumbnails=True)
     body["token"] = token
     return JSONResponse(body, status_code=201)
+
+
+def _create_room_for(server: Server, upload: bytes, image: Any) -> tuple[Session, str]:
+    """Create a session; when the server is full, first delete the oldest abandoned upload (no face picked)."""
+    try:
+        return server.store.create(upload=upload, image=image)
+    except TooManySessionsError:
+        deadline = time.time() - ABANDONED_UPLOAD_SECONDS
+        removed = server.store.remove_oldest(
+            lambda session: session.meta.get("status", "uploaded") == "uploaded" and session.last_used < deadline
+        )
+        if removed is None:
+            raise
+        log.info("the server is full: deleted abandoned upload %s", removed[:8])
+        return server.store.create(upload=upload, image=image)
 
 
 async def get_session(request: Request) -> JSONResponse:
@@ -410,6 +464,8 @@ async def _read_upload(request: Request, max_bytes: int) -> tuple[bytes, str | N
         raise too_large
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
+        if not (declared and declared.isdigit()):
+            raise ApiError(411, "length_required", "multipart uploads need a Content-Length header")
         try:
             form = await request.form(max_files=1, max_fields=8, max_part_size=max_bytes)
         except Exception as error:  # starlette raises its own parse errors for malformed multipart bodies
@@ -446,7 +502,8 @@ async def session_socket(socket: WebSocket) -> None:
         await socket.close(code=4000 + error.status)
         return
     rate = server.settings.max_ws_messages_per_second
-    connection = Connection(socket, session.id, f"{session.id}:{uuid.uuid4().hex}", rate, time.monotonic())
+    bucket = TokenBucket(rate, burst=rate, now=time.monotonic())
+    connection = Connection(socket, session.id, f"{session.id}:{uuid.uuid4().hex}", bucket)
     server.connections.setdefault(session.id, set()).add(connection)
     server.store.pin(session)
     try:
@@ -480,7 +537,7 @@ async def _socket_loop(server: Server, connection: Connection, session: Session)
                 event("error", code="malformed_message", message="send JSON text messages, not binary")
             )
             continue
-        if not _take_token(connection, settings.max_ws_messages_per_second):
+        if not connection.messages.take(time.monotonic()):
             await connection.send_text(
                 event("error", code="rate_limited", message="too many messages; slow down", seq=None)
             )
@@ -498,24 +555,13 @@ async def _socket_loop(server: Server, connection: Connection, session: Session)
             await _on_history(server, connection, session, parsed)
 
 
-def _take_token(connection: Connection, rate: float) -> bool:
-    """Token bucket: ``rate`` messages per second, bursts up to ``rate``."""
-    now = time.monotonic()
-    connection.allowance = min(rate, connection.allowance + (now - connection.refilled_at) * rate)
-    connection.refilled_at = now
-    if connection.allowance < 1.0:
-        return False
-    connection.allowance -= 1.0
-    return True
-
-
 async def _on_sliders(server: Server, connection: Connection, session: Session, message: SliderMessage) -> None:
     if session.meta.get("status") != "ready":
         await connection.send_text(
             event("error", code="not_ready", message="the face is not ready yet", seq=message.seq)
         )
         return
-    unknown = sorted(set(message.values) - set(server.runtime.directions))
+    unknown = sorted(set(message.values) - set(server.runtime.directions_for(session)))
     if unknown:
         await connection.send_text(
             event("error", code="unknown_slider", message=f"unknown sliders: {', '.join(unknown[:5])}", seq=message.seq)
@@ -564,10 +610,9 @@ async def _send_preview(connection: Connection, future: Awaitable[Any], seq: int
         log.exception("preview failed")
         await connection.send_text(event("error", code="preview_failed", message=_user_message(error), seq=seq))
         return
-    if image is SUPERSEDED or arrival < connection.last_sent:
+    if image is SUPERSEDED:
         return
-    connection.last_sent = arrival
-    await connection.send_bytes(encode_frame(seq, image, PREVIEW_FORMAT))
+    await connection.offer_preview(arrival, encode_frame(seq, image, PREVIEW_FORMAT))
 
 
 # ---- errors ------------------------------------------------------------------------------------------
@@ -600,6 +645,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             settings.data_dir,
             device=loaded.device,
             memory_budget_bytes=settings.session_memory_budget_bytes,
+            host_budget_bytes=settings.session_host_budget_bytes,
             ttl_seconds=settings.session_ttl_seconds,
             max_sessions=settings.max_sessions,
         )

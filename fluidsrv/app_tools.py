@@ -1,8 +1,10 @@
-"""REST routes for on-demand directions (SeFa by layer range, text prompts) and the latent tools (mix, morph,
-loop) of prepared sessions.
+"""REST routes for a session's on-demand directions (SeFa by layer range, text prompts) and the latent tools
+(mix, morph, loop) of prepared sessions.
 
-The tools work in the base generator's latent space: faces are the sessions' inverted ``ws`` and are rendered
-with the shared base generator (each session's fine-tuning only fits its own face, so it is not used here).
+On-demand directions belong to the session that asked for them (its token is required): they become sliders
+of that session only. The tools work in the base generator's latent space: faces are the sessions' inverted
+``ws`` and are rendered with the shared base generator (each session's fine-tuning only fits its own face, so
+it is not used here); videos render a batch of frames per executor step, so previews interleave.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import io
 import math
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from PIL import Image
 from starlette.requests import Request
@@ -25,16 +28,20 @@ from fluidsrv.convert import tensor_to_image
 from fluidsrv.executor import Priority
 from fluidsrv.plugins import PluginError
 from fluidsrv.protocol import ApiError, bad_request
-from fluidsrv.runtime import Runtime
+from fluidsrv.runtime import Runtime, add_session_directions
 from fluidsrv.sessions import SessionError
-from fluidsrv.stages import Direction
+from fluidsrv.stages import Direction, Progress, StepJob
 from fluidsrv.videos import render_frames, write_video
 from fluidsrv.web import json_body, server_of
+
+if TYPE_CHECKING:
+    from fluidsrv.app import Server
 
 MAX_SEFA_VECTORS = 32
 MAX_PROMPT_CHARS = 100
 MAX_MORPH_FACES = 8
 MAX_VIDEO_FRAMES = 480
+VIDEO_BATCH = 8  # frames rendered per executor step
 VIDEO_TYPES = {"mp4": "video/mp4", "gif": "image/gif"}
 
 
@@ -124,25 +131,37 @@ async def _face_ws(request: Request, reference: Any) -> torch.Tensor:
     return session.ws
 
 
-# ---- directions --------------------------------------------------------------------------------------
+# ---- directions ----------------------------------------------------------------------------------------
+
+
+async def session_directions(request: Request) -> JSONResponse:
+    """List a session's sliders: the shared directions and the ones it added."""
+    server = server_of(request)
+    session = await server.open_session(request)
+    sliders = server.runtime.directions_for(session)
+    return JSONResponse({"directions": [direction_dict(direction) for direction in sliders.values()]})
 
 
 async def sefa_directions(request: Request) -> JSONResponse:
-    """Compute the top-k SeFa directions of a layer range; they become sliders of every session."""
+    """Compute the top-k SeFa directions of a layer range and add them as sliders of this session."""
     server = server_of(request)
+    session = await server.open_session(request)
     data = _object(await json_body(request))
     layers = parse_layer_range(data.get("layers"), server.runtime.generator.num_ws)
     assert layers is not None
     count = _bounded_int(data, "k", 5, 1, MAX_SEFA_VECTORS)
     found = await server.executor.run(
-        lambda: server.runtime.sefa_directions(layers, count), priority=Priority.FINALIZE
+        lambda: server.runtime.sefa_directions(layers, count), priority=Priority.FINALIZE, owner=session.id
     )
+    add_session_directions(session, found)
+    await asyncio.to_thread(server.store.update, session)
     return JSONResponse({"directions": [direction_dict(direction) for direction in found]})
 
 
 async def text_direction(request: Request) -> JSONResponse:
-    """Find the direction of a text prompt (CLIP); it becomes a slider of every session."""
+    """Find the direction of a text prompt (CLIP) and add it as a slider of this session."""
     server = server_of(request)
+    session = await server.open_session(request)
     reason = server.runtime.text_unavailable()
     if reason is not None:
         raise ApiError(404, "feature_unavailable", f"text prompts need the CLIP plugin: {reason}")
@@ -153,10 +172,13 @@ async def text_direction(request: Request) -> JSONResponse:
     layers = parse_layer_range(data.get("layers"), server.runtime.generator.num_ws, allow_none=True)
     try:
         found = await server.executor.run(
-            lambda: server.runtime.text_direction(prompt.strip(), layers), priority=Priority.FINALIZE
+            lambda: server.runtime.text_direction(prompt.strip(), layers), priority=Priority.FINALIZE,
+            owner=session.id,
         )
     except PluginError as error:
         raise ApiError(422, "plugin_unavailable", str(error)) from None
+    add_session_directions(session, [found])
+    await asyncio.to_thread(server.store.update, session)
     return JSONResponse({"directions": [direction_dict(found)]})
 
 
@@ -212,7 +234,7 @@ async def morph(request: Request) -> Response:
     path = latents.morph_path(keyframes, per_transition, loop=loop)
     if path.shape[0] > MAX_VIDEO_FRAMES:
         raise bad_request(f"that would be {path.shape[0]} frames; at most {MAX_VIDEO_FRAMES}")
-    video = await server.executor.run(lambda: _encode_video(server.runtime, path, kind), priority=Priority.ENCODE)
+    video = await _video(server, path, kind)
     return Response(video, media_type=VIDEO_TYPES[kind], headers=_attachment(f"morph.{kind}"))
 
 
@@ -228,12 +250,27 @@ async def loop_video(request: Request) -> Response:
     seed = _bounded_int(data, "seed", 0, 0, 2**31 - 1)
     kind = _video_type(data)
     path = latents.deform_loop(ws, frames, layers=layers, amplitude=amplitude, spread=runtime.spread, seed=seed)
-    video = await server.executor.run(lambda: _encode_video(runtime, path, kind), priority=Priority.ENCODE)
+    video = await _video(server, path, kind)
     return Response(video, media_type=VIDEO_TYPES[kind], headers=_attachment(f"loop.{kind}"))
 
 
-def _encode_video(runtime: Runtime, path: torch.Tensor, kind: str) -> bytes:
-    frames = render_frames(runtime.generator, path.to(runtime.device))
+def render_job(runtime: Runtime, path: torch.Tensor) -> StepJob[np.ndarray]:
+    """Render latents ``path`` [F, num_ws, w_dim] with the base generator, one batch of frames per step."""
+    batches = []
+    for start in range(0, path.shape[0], VIDEO_BATCH):
+        batch = path[start : start + VIDEO_BATCH].to(runtime.device)  # [B, num_ws, w_dim]
+        batches.append(render_frames(runtime.generator, batch))  # [B, H, W, 3]
+        yield Progress("render", min(start + VIDEO_BATCH, path.shape[0]), path.shape[0], "rendering frames")
+    return np.concatenate(batches)  # [F, H, W, 3]
+
+
+async def _video(server: Server, path: torch.Tensor, kind: str) -> bytes:
+    """Render on the executor step by step, then encode off the event loop; return the file's bytes."""
+    frames = await server.executor.run_job(lambda: render_job(server.runtime, path), priority=Priority.ENCODE)
+    return await asyncio.to_thread(_encode_video, frames, kind)
+
+
+def _encode_video(frames: np.ndarray, kind: str) -> bytes:
     with tempfile.TemporaryDirectory(prefix="fluidsrv-video-") as folder:
         target = Path(folder) / f"video.{kind}"
         write_video(target, frames, fps=24.0)
@@ -244,9 +281,11 @@ def _attachment(filename: str) -> dict[str, str]:
     return {"Content-Disposition": f'attachment; filename="{filename}"'}
 
 
+SESSION = "/api/sessions/{session_id:str}"
 ROUTES = [
-    Route("/api/directions/sefa", sefa_directions, methods=["POST"]),
-    Route("/api/directions/text", text_direction, methods=["POST"]),
+    Route(f"{SESSION}/directions", session_directions),
+    Route(f"{SESSION}/directions/sefa", sefa_directions, methods=["POST"]),
+    Route(f"{SESSION}/directions/text", text_direction, methods=["POST"]),
     Route("/api/tools", tools),
     Route("/api/tools/mix", mix, methods=["POST"]),
     Route("/api/tools/morph", morph, methods=["POST"]),

@@ -75,13 +75,18 @@ def prepare(runtime: Runtime, session: Session, face_index: int) -> StepJob[None
 
 
 def edited_ws(runtime: Runtime, session: Session, values: Mapping[str, float]) -> torch.Tensor:
-    """Return the session's ws moved by the slider ``values`` (model F); unknown sliders raise KeyError."""
+    """Return the session's ws moved by the slider ``values`` (model F).
+
+    Sliders whose direction no longer exists (e.g. after the direction source was switched) are left out;
+    the websocket refuses unknown names in new messages, so this only affects older states.
+    """
     if session.ws is None:
         raise PipelineError("no face has been prepared in this session yet")
-    active = {name: value for name, value in values.items() if value != 0.0}
+    directions = runtime.directions_for(session)
+    active = {name: value for name, value in values.items() if value != 0.0 and name in directions}
     if not active:
         return session.ws
-    return latents.apply_sliders(session.ws, runtime.directions, active, spread=runtime.spread)
+    return latents.apply_sliders(session.ws, directions, active, spread=runtime.spread)
 
 
 @torch.inference_mode()

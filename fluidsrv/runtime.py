@@ -74,6 +74,53 @@ def load_base_generator(spec: str, weights_dir: Path) -> tuple[Generator, Genera
     return generator, GeneratorSource(str(path), trained=True)
 
 
+MAX_SESSION_DIRECTIONS = 64
+"""Directions one session may add; the oldest go first."""
+
+
+def session_directions(session: Session) -> dict[str, Direction]:
+    """Return the directions ``session`` added (stored as ``direction:<name>`` tensors + JSON facts in meta)."""
+    facts: dict[str, dict[str, Any]] = session.meta.get("directions", {})
+    found = {}
+    for name, fact in facts.items():
+        vector = session.extra_tensors.get(f"direction:{name}")
+        if vector is None:
+            continue
+        layers = fact.get("layers")
+        found[name] = Direction(
+            name=name,
+            label=str(fact["label"]),
+            vector=vector,
+            layers=(int(layers[0]), int(layers[1])) if layers else None,
+            slider_range=(float(fact["range"][0]), float(fact["range"][1])),
+            group=str(fact.get("group", "")),
+            provenance=str(fact.get("provenance", "")),
+        )
+    return found
+
+
+def add_session_directions(session: Session, directions: list[Direction]) -> None:
+    """Store ``directions`` in ``session`` (replacing same names); keep at most MAX_SESSION_DIRECTIONS, newest."""
+    facts: dict[str, dict[str, Any]] = dict(session.meta.get("directions", {}))
+    tensors = dict(session.extra_tensors)
+    for direction in directions:
+        facts.pop(direction.name, None)  # re-adding moves it to the end (newest)
+        facts[direction.name] = {
+            "label": direction.label,
+            "layers": list(direction.layers) if direction.layers else None,
+            "range": list(direction.slider_range),
+            "group": direction.group,
+            "provenance": direction.provenance,
+        }
+        tensors[f"direction:{direction.name}"] = direction.vector.detach().float().cpu().contiguous()
+    for name in list(facts)[: max(0, len(facts) - MAX_SESSION_DIRECTIONS)]:
+        del facts[name]
+        tensors.pop(f"direction:{name}", None)
+    session.extra_tensors = tensors
+    version = int(session.meta.get("directions_version", 0)) + 1
+    session.meta = {**session.meta, "directions": facts, "directions_version": version}
+
+
 class TunedModels:
     """A small LRU cache of per-session tuned generators and preview renderers, rebuilt on demand."""
 
@@ -134,6 +181,8 @@ class Runtime:
         self.direction_sources: list[str] = []
         self.spread = latents.latent_spread(self.generator)
         self._text_source: Any = None
+        self._session_directions: dict[str, tuple[tuple[int, int], dict[str, Direction]]] = {}
+        self._directions_generation = 0  # bumped whenever the shared directions change
         self._lock = threading.Lock()
 
     @classmethod
@@ -184,22 +233,17 @@ class Runtime:
             raise PluginError(f"no direction source produced directions (tried {', '.join(sources)})")
         with self._lock:
             self.directions, self.direction_sources = directions, used
-
-    def add_directions(self, new: list[Direction]) -> None:
-        """Offer ``new`` directions as sliders too (same names replace older ones)."""
-        with self._lock:
-            self.directions = {**self.directions, **{direction.name: direction for direction in new}}
+            self._directions_generation += 1
 
     def sefa_directions(self, layers: tuple[int, int], k: int) -> list[Direction]:
-        """Compute the top-``k`` SeFa directions of a layer range and offer them as sliders."""
+        """Compute the top-``k`` SeFa directions of a layer range (closed form, milliseconds)."""
         start, stop = layers
         source = self.catalog.create("directions", "sefa", {"layers": f"{start}:{stop}", "k": k})
         found: list[Direction] = source.directions(self.generator)
-        self.add_directions(found)
         return found
 
     def text_direction(self, prompt: str, layers: tuple[int, int] | None) -> Direction:
-        """Find the direction of a text prompt with the CLIP plugin and offer it as a slider."""
+        """Find the direction of a text prompt with the CLIP plugin (its table is built once per generator)."""
         with self._lock:
             source = self._text_source
         if source is None:
@@ -210,8 +254,27 @@ class Runtime:
         if layers is not None:
             start, stop = layers
             direction = replace(direction, name=f"{direction.name}@{start}:{stop}", layers=layers)
-        self.add_directions([direction])
         return direction
+
+    def directions_for(self, session: Session) -> dict[str, Direction]:
+        """The sliders of ``session``: the shared directions and the ones it added (SeFa ranges, prompts).
+
+        The merged mapping is remembered per session and version, so the slider model's cache (keyed by the
+        identity of the Direction objects) keeps working across previews.
+        """
+        if not session.meta.get("directions"):
+            return self.directions
+        key = (self._directions_generation, int(session.meta.get("directions_version", 0)))
+        with self._lock:
+            cached = self._session_directions.get(session.id)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        merged = {**self.directions, **session_directions(session)}
+        with self._lock:
+            self._session_directions[session.id] = (key, merged)
+            while len(self._session_directions) > 4 * self.tuned.capacity:
+                self._session_directions.pop(next(iter(self._session_directions)))
+        return merged
 
     def text_unavailable(self) -> str | None:
         """Why text-prompt directions cannot be made, or None when they can."""

@@ -186,8 +186,15 @@ class Session:
         return named
 
     def tensor_bytes(self) -> int:
-        """Bytes of tensor data the session holds (what the store's memory budget counts)."""
+        """Bytes of tensor data the session holds (what the store's device-memory budget counts)."""
         return sum(tensor.numel() * tensor.element_size() for tensor in self.tensors().values())
+
+    def host_bytes(self) -> int:
+        """Bytes the session holds in host memory: the upload, its pixels, crops and other arrays."""
+        arrays = [self.image, self.inner_crop, self.outer_crop, *self.extra_arrays.values()]
+        if self.alignment is not None:
+            arrays += [value for value in self.alignment.values() if isinstance(value, np.ndarray)]
+        return len(self.upload) + sum(array.nbytes for array in arrays if array is not None)
 
     def set_sliders(self, values: Mapping[str, float], *, record: bool = True) -> None:
         """Make ``values`` the slider state; with ``record`` it is committed (the previous commit is undoable)."""
@@ -227,6 +234,8 @@ class StoreStats:
     pinned: int
     tensor_bytes: int  # tensor bytes held by in-memory sessions
     budget_bytes: int
+    host_bytes: int  # upload, pixel and array bytes held by in-memory sessions
+    host_budget_bytes: int
     spills: int  # sessions written out by eviction
     restores: int  # sessions read back from disk
     expired: int  # sessions deleted by the TTL
@@ -284,6 +293,7 @@ class SessionStore:
         *,
         device: torch.device | str = "cpu",
         memory_budget_bytes: int = 2 * 1024**3,
+        host_budget_bytes: int = 4 * 1024**3,
         ttl_seconds: float = 6 * 3600.0,
         max_sessions: int = 64,
         history_limit: int = 100,
@@ -293,6 +303,7 @@ class SessionStore:
         self.data_dir = Path(data_dir)
         self.device = torch.device(device)
         self.memory_budget_bytes = memory_budget_bytes
+        self.host_budget_bytes = host_budget_bytes
         self.ttl_seconds = ttl_seconds
         self.max_sessions = max_sessions
         self.history_limit = history_limit
@@ -301,6 +312,10 @@ class SessionStore:
         self._live: OrderedDict[str, Session] = OrderedDict()  # least recently used first
         self._on_disk: dict[str, _DiskEntry] = {}  # sessions only on disk (not in memory)
         self._pins: Counter[str] = Counter()
+        self._pin_lock = threading.Lock()  # pins are taken on the event loop: never behind a disk write
+        # token digest of every session, in memory or on disk: read without the lock by check(), so the event
+        # loop never waits for a disk write (single dict reads are atomic; writes happen under self._lock)
+        self._digests: dict[str, str] = {}
         self._counters = Counter[str]()
         self._closed = False
         self._cache = diskcache.Cache(
@@ -326,14 +341,35 @@ class SessionStore:
                               last_used=now, upload=upload, image=image,
                               history=SliderHistory(limit=self.history_limit))
             self._live[session.id] = session
+            self._digests[session.id] = session.token_digest
             self._enforce_budget(keep=session.id)
             return session, token
 
     def check(self, session_id: str, token: str) -> None:
-        """Raise UnknownSessionError / BadTokenError unless ``token`` opens ``session_id``; never loads from disk."""
-        with self._lock:
-            self._check_open()
-            self._authorize(session_id, token)
+        """Raise UnknownSessionError / BadTokenError unless ``token`` opens ``session_id``.
+
+        Safe to call on the event loop: it takes no lock and touches no disk (``get`` or ``expire`` delete an
+        expired session).
+        """
+        if self._closed:
+            raise RuntimeError("the session store is closed")
+        digest = self._digests.get(session_id) if isinstance(session_id, str) else None
+        if digest is None:
+            raise UnknownSessionError("no such session")
+        given = token_digest(token) if isinstance(token, str) else ""
+        if not hmac.compare_digest(given, digest):
+            raise BadTokenError("the token does not open this session")
+        live, entry = self._live.get(session_id), self._on_disk.get(session_id)
+        last_used = live.last_used if live is not None else entry.last_used if entry is not None else None
+        if last_used is not None and last_used <= self._clock() - self.ttl_seconds and not self._pins[session_id]:
+            raise UnknownSessionError("this session has expired")  # deleted by the next get() or expire()
+
+    def peek(self, session_id: str) -> Session | None:
+        """Return the in-memory session without authorising, touching or restoring it (None if spilled).
+
+        Safe to call on the event loop (no lock).
+        """
+        return self._live.get(session_id)
 
     def get(self, session_id: str, token: str) -> Session:
         """Return the session (restored from disk if it was spilled) and mark it used."""
@@ -398,13 +434,13 @@ class SessionStore:
     # ---- pinning, eviction, expiry -------------------------------------------------------------------
 
     def pin(self, session: Session) -> None:
-        """Keep ``session`` in memory and alive until a matching ``unpin`` (pins nest)."""
-        with self._lock:
+        """Keep ``session`` in memory and alive until a matching ``unpin`` (pins nest; no disk wait)."""
+        with self._pin_lock:
             self._pins[session.id] += 1
 
     def unpin(self, session: Session) -> None:
         """Release one pin of ``session``."""
-        with self._lock:
+        with self._pin_lock:
             self._pins[session.id] -= 1
             if self._pins[session.id] <= 0:
                 del self._pins[session.id]
@@ -417,6 +453,19 @@ class SessionStore:
             yield session
         finally:
             self.unpin(session)
+
+    def remove_oldest(self, disposable: Callable[[Session], bool]) -> str | None:
+        """Delete the least recently used unpinned in-memory session for which ``disposable`` is true.
+
+        Returns its id, or None when there is none. Used when the server is full, to make room.
+        """
+        with self._lock:
+            self._check_open()
+            for session_id, session in self._live.items():
+                if not self._pins[session_id] and disposable(session):
+                    self._remove(session_id)
+                    return session_id
+            return None
 
     def evict_idle(self) -> int:
         """Spill every unpinned in-memory session to disk; return the tensor bytes freed (the executor's OOM hook)."""
@@ -454,11 +503,6 @@ class SessionStore:
         with self._lock:
             return session_id in self._live or session_id in self._on_disk
 
-    def peek(self, session_id: str) -> Session | None:
-        """Return the in-memory session without authorising, touching or restoring it (None if spilled)."""
-        with self._lock:
-            return self._live.get(session_id)
-
     def is_in_memory(self, session_id: str) -> bool:
         """Whether the session is held in memory (not only on disk)."""
         with self._lock:
@@ -470,6 +514,8 @@ class SessionStore:
             return StoreStats(
                 in_memory=len(self._live), on_disk_only=len(self._on_disk), pinned=len(self._pins),
                 tensor_bytes=self._tensor_bytes(), budget_bytes=self.memory_budget_bytes,
+                host_bytes=sum(session.host_bytes() for session in self._live.values()),
+                host_budget_bytes=self.host_budget_bytes,
                 spills=self._counters["spills"], restores=self._counters["restores"],
                 expired=self._counters["expired"], disk_bytes=0 if self._closed else int(self._cache.volume()))
 
@@ -506,17 +552,21 @@ class SessionStore:
         return sum(session.tensor_bytes() for session in self._live.values())
 
     def _enforce_budget(self, keep: str) -> None:
-        """Spill least-recently-used unpinned sessions (never ``keep``) until the tensors fit the budget."""
-        total = self._tensor_bytes()
+        """Spill least-recently-used unpinned sessions (never ``keep``) until tensors and host memory fit."""
+        tensors = self._tensor_bytes()
+        host = sum(session.host_bytes() for session in self._live.values())
         for session_id in list(self._live):
-            if total <= self.memory_budget_bytes:
+            if tensors <= self.memory_budget_bytes and host <= self.host_budget_bytes:
                 return
             if session_id == keep or self._pins[session_id]:
                 continue
-            total -= self._evict(session_id)
-        if total > self.memory_budget_bytes:
-            logger.info("sessions hold %d tensor bytes over a budget of %d: the rest are pinned or in use",
-                        total, self.memory_budget_bytes)
+            host_freed = self._live[session_id].host_bytes()
+            freed = self._evict(session_id)
+            if session_id not in self._live:
+                tensors, host = tensors - freed, host - host_freed
+        if tensors > self.memory_budget_bytes or host > self.host_budget_bytes:
+            logger.info("sessions hold %d tensor / %d host bytes over budgets of %d / %d: the rest are in use",
+                        tensors, host, self.memory_budget_bytes, self.host_budget_bytes)
 
     def _evict(self, session_id: str) -> int:
         """Write a session to disk and drop it from memory; return its tensor bytes (0 if it could not be written)."""
@@ -559,7 +609,9 @@ class SessionStore:
         """Forget a session everywhere: memory, index, pins and every disk entry."""
         self._live.pop(session_id, None)
         self._on_disk.pop(session_id, None)
-        self._pins.pop(session_id, None)
+        self._digests.pop(session_id, None)
+        with self._pin_lock:
+            self._pins.pop(session_id, None)
         with self._cache.transact(retry=True):
             for part in _PARTS:
                 self._cache.delete(_key(session_id, part), retry=True)
@@ -581,6 +633,7 @@ class SessionStore:
                     raise ValueError("unknown format")
                 self._on_disk[session_id] = _DiskEntry(
                     str(meta["token_digest"]), float(meta["created_at"]), float(meta["last_used"]))
+                self._digests[session_id] = str(meta["token_digest"])
             except Exception:
                 logger.warning("discarding unreadable session entry %r in %s", session_id, self.data_dir,
                                exc_info=True)

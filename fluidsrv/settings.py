@@ -51,12 +51,15 @@ class Settings:
     # per-plugin options, keyed "stage.name", e.g. {"encoder.project": {"steps": 200}}; JSON in the env
     plugin_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     plugin_allow: tuple[str, ...] | None = None  # entry-point plugin names allowed; None = all
+    admin_token: str = ""  # needed to switch plugins at run time (POST /api/config/stages); empty = disabled
     max_upload_bytes: int = 25 * 1024 * 1024
     max_pixels: int = 50_000_000
     max_sessions: int = 64
+    max_uploads_per_minute: int = 30  # per client address
     max_ws_message_bytes: int = 64 * 1024
     max_ws_messages_per_second: float = 120.0
-    session_memory_budget_bytes: int = 2 * 1024**3
+    session_memory_budget_bytes: int = 2 * 1024**3  # device tensors (w+, tuned weights) held by sessions
+    session_host_budget_bytes: int = 4 * 1024**3  # uploads, pixels and crops held by sessions
     session_ttl_seconds: float = 6 * 3600.0
 
     @classmethod

@@ -33,6 +33,7 @@ def small_settings(data_dir: Path, **overrides: Any) -> Settings:
         "finetune_steps": 3,
         "plugin_options": {"encoder.project": {"steps": 6, "frame_every": 3}, "directions.sefa": {"k": 4}},
         "max_sessions": 8,
+        "max_uploads_per_minute": 100_000,
     }
     values.update(overrides)
     return Settings(**values)

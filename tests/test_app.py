@@ -207,14 +207,97 @@ def test_delete_removes_the_session(client: TestClient, photo: bytes) -> None:
     assert client.get("/api/stats").json()["sessions"]["in_memory"] == 0
 
 
-def test_switching_a_stage_rolls_back_on_failure(client: TestClient) -> None:
-    failed = client.post("/api/config/stages", json={"stage": "detector", "name": "insightface"})
-    assert failed.status_code == 422 and "insightface" in failed.json()["error"]["message"]
-    assert client.get("/api/config").json()["active"]["detector"] == "dlib"
-    unknown = client.post("/api/config/stages", json={"stage": "detector", "name": "no-such-plugin"})
-    assert unknown.status_code == 422
-    switched = client.post("/api/config/stages", json={"stage": "inpainter", "name": "navier-stokes"})
-    assert switched.status_code == 200 and switched.json()["active"]["inpainter"] == "navier-stokes"
+def test_switching_a_stage_needs_the_admin_token(client: TestClient) -> None:
+    body = {"stage": "inpainter", "name": "navier-stokes"}
+    refused = client.post("/api/config/stages", json=body)
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "admin_disabled"
+    assert client.get("/api/config").json()["active"]["inpainter"] == "telea"
+
+
+def test_switching_a_stage_rolls_back_on_failure(settings: Settings, runtime: Runtime, photo: bytes) -> None:
+    admin = Settings(**{**vars(settings), "admin_token": "let-me-in"})
+    with TestClient(create_app(admin, runtime=runtime)) as client:
+        headers = {"Authorization": "Bearer let-me-in"}
+        wrong = client.post("/api/config/stages", json={"stage": "detector", "name": "dlib"},
+                            headers={"Authorization": "Bearer guess"})
+        assert wrong.status_code == 401
+        failed = client.post("/api/config/stages", json={"stage": "detector", "name": "insightface"}, headers=headers)
+        assert failed.status_code == 422 and "insightface" in failed.json()["error"]["message"]
+        assert client.get("/api/config").json()["active"]["detector"] == "dlib"
+        unknown = client.post("/api/config/stages", json={"stage": "detector", "name": "no-such"}, headers=headers)
+        assert unknown.status_code == 422
+        switched = client.post("/api/config/stages", json={"stage": "inpainter", "name": "navier-stokes"},
+                               headers=headers)
+        assert switched.status_code == 200 and switched.json()["active"]["inpainter"] == "navier-stokes"
+
+        # a session edited with SeFa sliders still finalizes after the direction source changes
+        created = upload(client, photo)
+        prepare(client, created)
+        sefa_name = client.get("/api/directions").json()["directions"][0]["name"]
+        url = f"/api/sessions/{created['session_id']}/ws?token={created['token']}"
+        with client.websocket_connect(url) as socket:
+            receive_until(socket, "state")
+            socket.send_text(json.dumps({"seq": 1, "values": {sefa_name: 2.0}, "commit": True}))
+            next_preview(socket)
+        moved = client.post("/api/config/stages", json={"stage": "directions", "name": "ganspace"}, headers=headers)
+        assert moved.status_code == 200 and moved.json()["active"]["directions"] == ["ganspace"]
+        assert sefa_name not in {item["name"] for item in client.get("/api/directions").json()["directions"]}
+        finalized = client.post(f"/api/sessions/{created['session_id']}/finalize", headers=auth(created))
+        assert finalized.status_code == 200, finalized.text
+        runtime.load_directions(["sefa"])  # the runtime is shared by the other tests of this module
+
+
+def test_websocket_limits_and_unknown_sessions(settings: Settings, runtime: Runtime, photo: bytes) -> None:
+    limited = Settings(**{**vars(settings), "max_ws_messages_per_second": 5.0})
+    with TestClient(create_app(limited, runtime=runtime)) as client:
+        with client.websocket_connect("/api/sessions/" + "a" * 32 + "/ws?token=x") as socket:
+            error = json.loads(socket.receive_text())
+            assert error["type"] == "error" and error["code"] == "unknown_session"
+        created = upload(client, photo)
+        with client.websocket_connect(f"/api/sessions/{created['session_id']}/ws?token={created['token']}") as socket:
+            receive_until(socket, "state")
+            for _ in range(12):
+                socket.send_text(json.dumps({"type": "ping"}))
+            codes = []
+            for _ in range(12):
+                data = json.loads(socket.receive_text())
+                codes.append(data.get("code") or data["type"])
+            assert codes.count("pong") <= 6 and "rate_limited" in codes  # a burst of 5, then refusals
+
+
+def test_uploads_are_rate_limited_per_client(settings: Settings, runtime: Runtime, photo: bytes) -> None:
+    limited = Settings(**{**vars(settings), "max_uploads_per_minute": 2})
+    with TestClient(create_app(limited, runtime=runtime)) as client:
+        upload(client, photo)
+        upload(client, photo)
+        third = client.post("/api/sessions", files={"file": ("c.jpg", photo, "image/jpeg")})
+        assert third.status_code == 429 and third.json()["error"]["code"] == "rate_limited"
+
+
+def test_a_full_server_makes_room_by_deleting_abandoned_uploads(
+    settings: Settings, runtime: Runtime, photo: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fluidsrv.app
+
+    full = Settings(**{**vars(settings), "max_sessions": 1})
+    with TestClient(create_app(full, runtime=runtime)) as client:
+        first = upload(client, photo)
+        monkeypatch.setattr(fluidsrv.app, "ABANDONED_UPLOAD_SECONDS", 3600.0)
+        assert client.post("/api/sessions", files={"file": ("b.jpg", photo, "image/jpeg")}).status_code == 429
+        monkeypatch.setattr(fluidsrv.app, "ABANDONED_UPLOAD_SECONDS", -1.0)  # every upload counts as abandoned
+        second = upload(client, photo)
+        assert client.get(f"/api/sessions/{first['session_id']}", headers=auth(first)).status_code == 404
+        assert client.get(f"/api/sessions/{second['session_id']}", headers=auth(second)).status_code == 200
+
+
+def test_request_bodies_are_bounded(client: TestClient, photo: bytes) -> None:
+    created = upload(client, photo)
+    huge = client.post(f"/api/sessions/{created['session_id']}/face", content=b"[" + b"0," * 60_000 + b"0]",
+                       headers={**auth(created), "Content-Type": "application/json"})
+    assert huge.status_code == 413 and huge.json()["error"]["code"] == "body_too_large"
+    chunked = client.post("/api/sessions", content=iter([b"--x\r\n", b"junk"]),
+                          headers={"Content-Type": "multipart/form-data; boundary=x"})
+    assert chunked.status_code == 411 and chunked.json()["error"]["code"] == "length_required"
 
 
 def test_a_restarted_server_restores_sessions(settings: Settings, runtime: Runtime, photo: bytes) -> None:

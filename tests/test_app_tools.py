@@ -51,13 +51,25 @@ def test_config_reports_the_optional_features(client: TestClient) -> None:
     assert client.get("/api/tools").json() == {"mix": True, "morph": True, "loop": True}
 
 
-def test_sefa_by_layer_range_adds_usable_sliders(client: TestClient, faces: list[dict[str, str]]) -> None:
-    response = client.post("/api/directions/sefa", json={"layers": [2, 5], "k": 3})
+def test_sefa_by_layer_range_adds_sliders_to_that_session_only(
+    client: TestClient, faces: list[dict[str, str]]
+) -> None:
+    base = f"/api/sessions/{faces[0]['session_id']}"
+    headers = {"Authorization": f"Bearer {faces[0]['token']}"}
+    assert client.post(f"{base}/directions/sefa", json={"layers": [1, 6], "k": 3}).status_code == 401
+    response = client.post(f"{base}/directions/sefa", json={"layers": [1, 6], "k": 3}, headers=headers)
     assert response.status_code == 200, response.text
     found = response.json()["directions"]
-    assert len(found) == 3 and all(item["layers"] == [2, 5] for item in found)
-    listed = {item["name"] for item in client.get("/api/directions").json()["directions"]}
-    assert {item["name"] for item in found} <= listed
+    assert len(found) == 3 and all(item["layers"] == [1, 6] for item in found)
+    names = {item["name"] for item in found}
+    own = {item["name"] for item in client.get(f"{base}/directions", headers=headers).json()["directions"]}
+    assert names <= own
+    assert not names & {item["name"] for item in client.get("/api/directions").json()["directions"]}
+    state = client.get(base, headers=headers).json()
+    assert {item["name"] for item in state["custom_directions"]} == names
+    other = f"/api/sessions/{faces[1]['session_id']}/directions"
+    assert not names & {item["name"] for item in client.get(
+        other, headers={"Authorization": f"Bearer {faces[1]['token']}"}).json()["directions"]}
     url = f"/api/sessions/{faces[0]['session_id']}/ws?token={faces[0]['token']}"
     with client.websocket_connect(url) as socket:
         receive_until(socket, "state")
@@ -67,13 +79,14 @@ def test_sefa_by_layer_range_adds_usable_sliders(client: TestClient, faces: list
             if message.get("bytes"):
                 break
             assert json.loads(message["text"])["type"] != "error"
-    assert client.post("/api/directions/sefa", json={"layers": "middle", "k": 2}).status_code == 200
+    assert client.post(f"{base}/directions/sefa", json={"layers": "middle", "k": 2}, headers=headers).status_code == 200
     for bad in ({"layers": [5, 2]}, {"layers": [0, 99]}, {"layers": "sideways"}, {"layers": [0, 3], "k": 0}, [1]):
-        assert client.post("/api/directions/sefa", json=bad).status_code == 422
+        assert client.post(f"{base}/directions/sefa", json=bad, headers=headers).status_code == 422
 
 
-def test_text_prompts_need_the_clip_plugin(client: TestClient) -> None:
-    response = client.post("/api/directions/text", json={"prompt": "a smiling face"})
+def test_text_prompts_need_the_clip_plugin(client: TestClient, faces: list[dict[str, str]]) -> None:
+    response = client.post(f"/api/sessions/{faces[0]['session_id']}/directions/text", json={"prompt": "a smile"},
+                           headers={"Authorization": f"Bearer {faces[0]['token']}"})
     assert response.status_code == 404 and response.json()["error"]["code"] == "feature_unavailable"
 
 

@@ -141,10 +141,30 @@ def test_upload_pick_slide_undo_finalize_download(page: Any, shared_dir: Path, t
     redone_seq = wait_new_frame(page, undone_seq)
     assert np.array_equal(canvas_pixels(page), edited)
 
+    # the SeFa panel: a layer range and a count become new sliders of this session, and they move the face
+    page.click("#sefa-panel > summary")
+    page.fill("#sefa-start", "1")
+    page.fill("#sefa-stop", "6")
+    page.fill("#sefa-k", "2")
+    with page.expect_response(lambda response: response.url.endswith("/directions/sefa")) as sefa_answer:
+        page.click("#sefa-form button[type=submit]")
+    added = sefa_answer.value.json()["directions"]
+    assert sefa_answer.value.status == 200 and len(added) == 2
+    new_slider = f'input[type=range][data-direction="{added[0]["name"]}"]'
+    page.wait_for_selector(new_slider)
+    shown = canvas_pixels(page)
+    drag_slider(page, new_slider, 0.05)
+    redone_seq = wait_new_frame(page, redone_seq)
+    assert np.abs(canvas_pixels(page).astype(int) - shown.astype(int)).mean() > 1.0
+    shot(page, "06-sefa-sliders")
+    page.click("#undo")  # back to the redone edit, so the reload below shows it
+    redone_seq = wait_new_frame(page, redone_seq)
+    assert np.array_equal(canvas_pixels(page), edited)
+
     # phone width: nothing sticks out sideways
     page.set_viewport_size({"width": PHONE_WIDTH, "height": 800})
     assert page.evaluate("document.documentElement.scrollWidth") <= PHONE_WIDTH
-    shot(page, "06-editor-phone")
+    shot(page, "07-editor-phone")
     page.set_viewport_size({"width": 1100, "height": 900})
 
     # a reload resumes the session from sessionStorage, at the same slider state
@@ -153,13 +173,14 @@ def test_upload_pick_slide_undo_finalize_download(page: Any, shared_dir: Path, t
     page.wait_for_selector("#view-editor:not([hidden])")
     wait_new_frame(page, -1)
     assert np.array_equal(canvas_pixels(page), edited)
+    assert page.locator(new_slider).count() == 1  # the session's own sliders come back too
     assert redone_seq > 0
 
     # finalize: the whole photo, downloadable at its original resolution
     page.click("#finalize")
     page.wait_for_selector("#view-result:not([hidden])", timeout=60_000)
     page.wait_for_function("document.querySelector('#result').complete")
-    shot(page, "07-result")
+    shot(page, "08-result")
     with page.expect_download() as download_info:
         page.click("#download")
     downloaded = tmp_path / download_info.value.suggested_filename
@@ -244,7 +265,6 @@ def test_optional_panels_appear_when_the_server_has_their_routes(page: Any) -> N
         route.fulfill(json=config)
 
     page.route("**/api/config", with_clip_plugin)
-    page.route("**/api/directions/sefa", lambda route: route.fulfill(status=405, json={}))
     page.route("**/api/tools", lambda route: route.fulfill(json={"mix": True, "morph": False, "loop": True}))
     page.reload()
     wait_booted(page)

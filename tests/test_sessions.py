@@ -232,7 +232,8 @@ def test_ttl_expiry_deletes_memory_and_disk(tmp_path: Path) -> None:
     assert spill_files(tmp_path) == []  # the pinned one never reached the disk; the others are gone
     clock.now += 61
     with pytest.raises(UnknownSessionError, match="expired"):
-        store.check(pinned.id, pinned_token)
+        store.check(pinned.id, pinned_token)  # lock-free: reports it; the sweep deletes it
+    assert store.expire() == [pinned.id]
     assert len(store) == 0 and store.stats().expired == 3
 
 
@@ -338,6 +339,29 @@ def test_a_drag_and_its_release_are_one_undo_step(tmp_path: Path) -> None:
     store.evict_idle()  # the history survives a spill to disk
     restored = store.get(session.id, token)
     assert restored.undo() and restored.sliders == {"age": 1.0}
+
+
+def test_the_host_budget_spills_sessions_holding_large_photos(tmp_path: Path) -> None:
+    store = SessionStore(tmp_path, host_budget_bytes=3 * 1024 * 1024)
+    photo = np.zeros((1024, 1024, 3), np.uint8)  # 3 MiB of pixels, no tensors at all
+    first, first_token = store.create(upload=b"x" * 1000, image=photo)
+    second, _ = store.create(upload=b"y" * 1000, image=photo.copy())
+    assert not store.is_in_memory(first.id) and store.is_in_memory(second.id)
+    assert store.stats().host_bytes <= store.stats().host_budget_bytes + first.host_bytes()
+    restored = store.get(first.id, first_token)
+    assert np.array_equal(restored.image, photo) and not store.is_in_memory(second.id)
+
+
+def test_check_never_waits_for_a_disk_write(tmp_path: Path) -> None:
+    store = SessionStore(tmp_path)
+    session, token = store.create()
+    with store._lock:  # as if another thread were writing a session to disk right now
+        done = threading.Event()
+        worker = threading.Thread(target=lambda: (store.check(session.id, token), store.pin(session), done.set()))
+        worker.start()
+        assert done.wait(5), "check() or pin() blocked on the store lock"
+        worker.join()
+    store.unpin(session)
 
 
 def test_concurrent_access_from_threads_keeps_every_session_intact(tmp_path: Path) -> None:

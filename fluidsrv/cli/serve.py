@@ -21,8 +21,18 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from fluidsrv.app import create_app
+    from fluidsrv.logs import install_redaction
     from fluidsrv.settings import Settings
 
     settings = Settings.from_env(host=args.host, port=args.port, device=args.device, generator=args.generator)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        # frames beyond this close the socket at once; the app answers smaller oversized messages with an error
+        ws_max_size=2 * settings.max_ws_message_bytes,
+    )
+    install_redaction()  # uvicorn.Config has configured its loggers: the filter goes on their handlers now
+    uvicorn.Server(config).run()
     return 0

@@ -78,13 +78,15 @@ export class Api {
 
   async deleteSession(id, token) { await this.request("DELETE", `/api/sessions/${id}`, { token }); }
 
-  /** Proposed route: SeFa directions of a layer range, registered as new sliders. */
-  sefa(layers, k) { return this.postJson("/api/directions/sefa", { layers, k }); }
+  /** SeFa directions of a layer range, added as sliders of this session. */
+  sefa(id, token, layers, k) { return this.postJson(`/api/sessions/${id}/directions/sefa`, { layers, k }, token); }
 
-  /** Proposed route: a direction from a text prompt (CLIP). */
-  textDirection(prompt, layers) { return this.postJson("/api/directions/text", { prompt, layers }); }
+  /** A direction from a text prompt (CLIP), added as a slider of this session. */
+  textDirection(id, token, prompt, layers) {
+    return this.postJson(`/api/sessions/${id}/directions/text`, { prompt, layers }, token);
+  }
 
-  /** Proposed routes of the latent tools. */
+  /** The latent tools. */
   tools() { return this.getJson("/api/tools"); }
   async toolBlob(name, json) { return (await this.request("POST", `/api/tools/${name}`, { json })).blob(); }
 }

@@ -287,6 +287,8 @@ function enterEditor() {
   progressView.finish();
   const session = app.session;
   storage.rememberFace(session.session_id, app.token, `${app.filename ?? "photo"} · face ${(session.face_index ?? 0) + 1}`);
+  sliders.setDirections(app.directions); // the shared sliders, then the ones this session added
+  sliders.addDirections(session.custom_directions ?? []);
   sliders.setValues(session.sliders ?? {});
   if (!app.live) {
     painter.clear();
@@ -476,11 +478,14 @@ async function loadServerInfo() {
   sliders.setDirections(app.directions);
   const report = (text) => setEditorStatus(text);
   const addSliders = (directions, group) => sliders.addDirections(directions, group);
+  const currentSession = () => ({ id: app.session?.session_id, token: app.token });
   setUpSefaPanel({
     api, panel: $("sefa-panel"), numWs: app.config.generator.num_ws, addSliders, report,
-    features: app.config.features,
+    features: app.config.features, currentSession,
   });
-  if (hasTextDirections(app.config)) setUpPromptPanel({ api, form: $("prompt-panel"), addSliders, report });
+  if (hasTextDirections(app.config)) {
+    setUpPromptPanel({ api, form: $("prompt-panel"), addSliders, report, currentSession });
+  }
   setUpTools({ api, report: (text) => { $("tools-status").textContent = text; } }).then((refresh) => {
     app.refreshTools = refresh;
     $("nav-tools").hidden = refresh === null;

@@ -1,5 +1,5 @@
 // The optional direction panels: SeFa (layer range + how many vectors → new sliders) and a CLIP text prompt.
-// Both call routes the server may not have; a 404 hides the panel.
+// Both add sliders to the current session; /api/config "features" says whether the server offers them.
 
 import { ApiError } from "./api.js";
 
@@ -31,9 +31,8 @@ export function hasTextDirections(config) {
  * Wire the SeFa panel: probe the route, keep the layer inputs consistent with the preset, and add the
  * returned directions as sliders. ``addSliders(directions, group)`` returns the first new input.
  */
-export async function setUpSefaPanel({ api, panel, numWs, addSliders, report, features }) {
-  const available = features ? Boolean(features.sefa) : await api.exists("/api/directions/sefa");
-  if (!available) return; // this server cannot make SeFa sliders on demand
+export async function setUpSefaPanel({ api, panel, numWs, addSliders, report, features, currentSession }) {
+  if (!features?.sefa) return; // this server cannot make SeFa sliders on demand
   const form = panel.querySelector("form");
   const preset = form.querySelector("#sefa-preset");
   const start = form.querySelector("#sefa-start");
@@ -62,7 +61,8 @@ export async function setUpSefaPanel({ api, panel, numWs, addSliders, report, fe
     button.disabled = true;
     report(`Finding directions of ${layerText(layers)}…`);
     try {
-      const answer = await api.sefa(layers, Number(count.value));
+      const { id, token } = currentSession();
+      const answer = await api.sefa(id, token, layers, Number(count.value));
       const first = addSliders(answer.directions, `SeFa, ${layerText(layers)}`);
       report(`Added ${answer.directions.length} sliders for ${layerText(layers)}.`);
       first?.focus();
@@ -77,7 +77,7 @@ export async function setUpSefaPanel({ api, panel, numWs, addSliders, report, fe
 }
 
 /** Wire the text-prompt box (only called when a CLIP plugin is available). */
-export function setUpPromptPanel({ api, form, addSliders, report }) {
+export function setUpPromptPanel({ api, form, addSliders, report, currentSession }) {
   const text = form.querySelector("#prompt-text");
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
@@ -87,7 +87,8 @@ export function setUpPromptPanel({ api, form, addSliders, report }) {
     button.disabled = true;
     report(`Finding a direction for “${prompt}”…`);
     try {
-      const answer = await api.textDirection(prompt, null);
+      const { id, token } = currentSession();
+      const answer = await api.textDirection(id, token, prompt, null);
       const first = addSliders(answer.directions, "Text");
       report(`Added a slider for “${prompt}”.`);
       first?.focus();

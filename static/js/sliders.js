@@ -34,6 +34,7 @@ export class SliderPanel {
     this.container.replaceChildren();
     this.rows.clear();
     this.groups.clear();
+    this.counter = 0; // ids restart: the first shared slider is always #slider-1
     this.addDirections(directions);
   }
 
