@@ -68,13 +68,14 @@ def _sniff_format(path: Path) -> str:
         raise CheckpointError(f"checkpoint {path} does not exist")
     with path.open("rb") as handle:
         head = handle.read(9)
+    # safetensors first: its 8-byte little-endian header length may start with any byte, 0x80 included
+    header_size = int.from_bytes(head[:8], "little") if len(head) == 9 else 0
+    if head[8:9] == b"{" and 0 < header_size <= path.stat().st_size - 8:
+        return "safetensors"
     if head[:4] == b"PK\x03\x04":  # torch's zip container (torch.save since 1.6)
         return "torch"
     if head[:1] == b"\x80":  # a bare pickle (torch's legacy format); still loaded with weights_only=True
         return "torch"
-    header_size = int.from_bytes(head[:8], "little") if len(head) == 9 else 0
-    if head[8:9] == b"{" and 0 < header_size <= path.stat().st_size - 8:
-        return "safetensors"
     raise CheckpointError(
         f"{path}: unrecognized checkpoint format (first bytes {head[:8]!r}); "
         "expected a torch .pt/.pth file or a .safetensors file"

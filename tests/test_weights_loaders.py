@@ -283,6 +283,23 @@ def test_unknown_format_is_a_clear_error(tmp_path: Path, content: bytes) -> None
         load_generator(tmp_path / "absent.pt")
 
 
+@pytest.mark.parametrize("first_byte", [0x80, ord("P")])
+def test_safetensors_header_length_never_looks_like_a_pickle(
+    tmp_path: Path, tiny_generator: tuple[Generator, torch.Tensor], first_byte: int
+) -> None:
+    """A safetensors header length whose low byte is 0x80 (a pickle's opcode) or 'P' still reads as safetensors."""
+    generator, w_avg = tiny_generator
+    path = tmp_path / "generator.safetensors"
+    for padding in range(512):
+        save_generator(path, generator, w_avg, extra_metadata={"padding": "x" * padding})
+        if path.read_bytes()[0] == first_byte:
+            break
+    assert path.read_bytes()[0] == first_byte
+    loaded, loaded_w_avg = load_generator(path)
+    torch.testing.assert_close(loaded_w_avg, w_avg)
+    torch.testing.assert_close(loaded.state_dict(), generator.state_dict())
+
+
 def test_torch_file_without_a_generator_names_its_keys(tmp_path: Path) -> None:
     path = tmp_path / "other.pt"
     torch.save({"model": {"weight": torch.zeros(2)}}, path)
