@@ -5,6 +5,13 @@ Frames: the inner crop (S×S, what the generator sees) sits at ``offset`` pixels
 inside the inner region; the seam where the old head was but the new one is not is inpainted (see
 :mod:`fluidsrv.masks`). The result differs from the old outer crop only inside the returned
 ``changed`` mask, which the caller uses to paste back into the photo.
+
+Detail transfer: a generator renders faces at its own resolution (128² for the embedded model), far below a
+photo's. The finalize step can therefore compose twice, the edited render and the unedited one
+(the reconstruction), paste both into the photo and keep only their difference:
+``photo + (edited − reconstructed)`` (:func:`add_photo_detail`). An edit of strength zero returns the photo
+itself, and an edit changes the photo by exactly what the generator changed, at the photo's resolution; large
+geometric edits (pose) can show a faint double image of the old features, which "replace" avoids.
 """
 
 from __future__ import annotations
@@ -86,3 +93,15 @@ def compose_outer(
     # weight reach 1 before the first changed pixel
     changed = dilate(old_head | new_head, dilation + 3 * soft) & ~border_band(old_head.shape, border)
     return Composition(image=composite, changed=changed, seam=seam)
+
+
+def add_photo_detail(photo: np.ndarray, edited: np.ndarray, reconstructed: np.ndarray) -> np.ndarray:
+    """Return ``edited + (photo − reconstructed)`` as uint8: the edit's change laid over the photo's own pixels.
+
+    All three are uint8 [H, W, 3] photos; wherever ``reconstructed`` equals ``photo`` (outside the region it
+    was pasted into) the result is ``edited`` byte for byte.
+    """
+    if not photo.shape == edited.shape == reconstructed.shape:
+        raise ValueError(f"shapes differ: {photo.shape}, {edited.shape}, {reconstructed.shape}")
+    detail = photo.astype(np.int16) - reconstructed.astype(np.int16)  # [H, W, 3]
+    return np.clip(edited.astype(np.int16) + detail, 0, 255).astype(np.uint8)

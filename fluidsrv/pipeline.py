@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from fluidsrv import latents
-from fluidsrv.compose import compose_outer
+from fluidsrv.compose import add_photo_detail, compose_outer
 from fluidsrv.convert import image_to_tensor, tensor_to_image
 from fluidsrv.geometry import Alignment, align_face, face_landmarks
 from fluidsrv.image_io import decode_image, encode_image
@@ -98,26 +98,32 @@ def render_preview(runtime: Runtime, session: Session, values: Mapping[str, floa
 
 def finalize(runtime: Runtime, session: Session) -> StepJob[bytes]:
     """Render the edit with the tuned generator, compose it into the photo and return the JPEG bytes."""
-    if session.alignment is None or session.image is None:
+    if session.alignment is None or session.image is None or session.ws is None:
         raise PipelineError("no face has been prepared in this session yet")
+    detail = runtime.settings.finalize_detail  # "transfer" or "replace" (checked by Settings)
     generator, _ = runtime.session_models(session)
     with torch.inference_mode():
         new_inner = tensor_to_image(generator.synthesis(edited_ws(runtime, session, session.sliders)))
+        reconstructed_inner = tensor_to_image(generator.synthesis(session.ws)) if detail == "transfer" else None
     yield Progress("finalize", 1, 4, "edited face rendered", frame=new_inner)
 
     alignment = Alignment.from_dict(session.alignment)
-    composition = compose_outer(
-        alignment.outer_image,
-        new_inner,
-        alignment.inner_offset,
-        runtime.stage("segmenter"),
-        runtime.stage("inpainter"),
-    )
-    yield Progress("finalize", 2, 4, "face composed and seam inpainted", frame=composition.image)
+    segmenter, inpainter = runtime.stage("segmenter"), runtime.stage("inpainter")
+    edited = compose_outer(alignment.outer_image, new_inner, alignment.inner_offset, segmenter, inpainter)
+    yield Progress("finalize", 2, 4, "face composed and seam inpainted", frame=edited.image)
 
-    photo = alignment.paste_back(
-        session.image, composition.image, "outer", mask=composition.changed, feather=PASTE_FEATHER
-    )
+    if reconstructed_inner is None:
+        photo = alignment.paste_back(session.image, edited.image, "outer", mask=edited.changed, feather=PASTE_FEATHER)
+    else:
+        unedited = compose_outer(
+            alignment.outer_image, reconstructed_inner, alignment.inner_offset, segmenter, inpainter
+        )
+        changed = edited.changed | unedited.changed
+        photo = add_photo_detail(
+            session.image,
+            alignment.paste_back(session.image, edited.image, "outer", mask=changed, feather=PASTE_FEATHER),
+            alignment.paste_back(session.image, unedited.image, "outer", mask=changed, feather=PASTE_FEATHER),
+        )
     yield Progress("finalize", 3, 4, "pasted into the photo")
 
     metadata = decode_image(session.upload, max_pixels=photo.shape[0] * photo.shape[1], max_bytes=None).metadata

@@ -27,6 +27,10 @@ def default_data_dir() -> Path:
     return base / "fluidsrv"
 
 
+class SettingsError(ValueError):
+    """A setting has a value the server cannot use (the message names the variable)."""
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the server can be configured with; each field maps to ``FLUIDSRV_<NAME>``."""
@@ -48,6 +52,9 @@ class Settings:
     previewer: str = "generator"
     finetune: str = "lowrank"  # pivotal tuning per session: "lowrank", "full" or "none"
     finetune_steps: int = 100
+    # finalize: "transfer" adds the photo's own detail back where old and new head overlap (edit = the
+    # generator's change laid over the photo); "replace" shows the generator's render as it is
+    finalize_detail: str = "transfer"
     # per-plugin options, keyed "stage.name", e.g. {"encoder.project": {"steps": 200}}; JSON in the env
     plugin_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     plugin_allow: tuple[str, ...] | None = None  # entry-point plugin names allowed; None = all
@@ -62,6 +69,13 @@ class Settings:
     session_host_budget_bytes: int = 4 * 1024**3  # uploads, pixels and crops held by sessions
     session_ttl_seconds: float = 6 * 3600.0
 
+    def __post_init__(self) -> None:
+        choices = {"finetune": ("lowrank", "full", "none"), "finalize_detail": ("transfer", "replace")}
+        for name, allowed in choices.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise SettingsError(f"FLUIDSRV_{name.upper()} must be one of {', '.join(allowed)}, not {value!r}")
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
         """Return settings from ``FLUIDSRV_*`` variables, then ``overrides`` (CLI flags) on top."""
@@ -70,7 +84,10 @@ class Settings:
         for item in dataclasses.fields(cls):
             raw = env.get(f"FLUIDSRV_{item.name.upper()}")
             if raw is not None:
-                values[item.name] = _parse(item.name, str(item.type), raw)
+                try:
+                    values[item.name] = _parse(item.name, str(item.type), raw)
+                except ValueError as error:
+                    raise SettingsError(f"FLUIDSRV_{item.name.upper()}={raw!r} is not valid: {error}") from error
         values.update({key: value for key, value in overrides.items() if value is not None})
         return cls(**values)
 

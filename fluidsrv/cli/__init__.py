@@ -8,6 +8,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from fluidsrv.settings import SettingsError
+
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "fluidsrv.cli.serve",
     "fluidsrv.cli.weights",
@@ -42,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         result = args.handler(args)
-    except CliError as error:
+    except (CliError, SettingsError) as error:
         print(f"fluidsrv: error: {error}", file=sys.stderr)
         return 2
     return int(result or 0)
