@@ -233,7 +233,7 @@ async def config(request: Request) -> JSONResponse:
             "active": server.runtime.active_stages(),
             "features": features(server.runtime),
             "finetune": settings.finetune,
-            "finalize_detail": settings.finalize_detail,
+            "photo_detail": settings.photo_detail,
             "limits": {
                 "max_upload_bytes": settings.max_upload_bytes,
                 "max_pixels": settings.max_pixels,

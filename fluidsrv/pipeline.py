@@ -26,6 +26,10 @@ PASTE_FEATHER = 0.02
 """Softness of the paste-back weight, as a fraction of the outer crop's side."""
 
 
+RECONSTRUCTION = "reconstruction"
+"""Key of ``Session.extra_arrays``: the unedited preview render (uint8 [R, R, 3]) of the prepared face."""
+
+
 class PipelineError(RuntimeError):
     """A stage cannot run on this session's state (e.g. previews before a face was prepared)."""
 
@@ -60,6 +64,8 @@ def prepare(runtime: Runtime, session: Session, face_index: int) -> StepJob[None
         delta = yield from finetune(generator, target, ws, config)
         tuned = apply_delta(generator, delta)
     renderer = yield from runtime.stage("previewer").fit(tuned, ws)
+    with torch.inference_mode():
+        reconstruction = tensor_to_image(renderer.render(ws))  # the unedited preview, for detail transfer
 
     # publish the new state: whole objects are replaced, never edited in place, so readers on other
     # threads see either the old or the new state
@@ -70,7 +76,8 @@ def prepare(runtime: Runtime, session: Session, face_index: int) -> StepJob[None
     session.student_state = renderer.state_dict()
     session.sliders = {}
     session.history = SliderHistory(limit=session.history.limit)
-    session.extra_arrays = {key: value for key, value in session.extra_arrays.items() if key != "result"}
+    kept = {key: value for key, value in session.extra_arrays.items() if key not in ("result", RECONSTRUCTION)}
+    session.extra_arrays = {**kept, RECONSTRUCTION: reconstruction}
     runtime.remember_models(session, tuned, renderer)
 
 
@@ -91,16 +98,24 @@ def edited_ws(runtime: Runtime, session: Session, values: Mapping[str, float]) -
 
 @torch.inference_mode()
 def render_preview(runtime: Runtime, session: Session, values: Mapping[str, float]) -> np.ndarray:
-    """Render the preview of slider ``values`` with the session's fast renderer: uint8 RGB [R, R, 3]."""
+    """Render the preview of slider ``values`` with the session's fast renderer: uint8 RGB [R, R, 3].
+
+    With detail transfer (the default) the frame is the aligned photo moved by the render's change, so that
+    the preview at zero shows the photo itself, as finalize will.
+    """
     _, renderer = runtime.session_models(session)
-    return tensor_to_image(renderer.render(edited_ws(runtime, session, values)))
+    frame = tensor_to_image(renderer.render(edited_ws(runtime, session, values)))
+    reconstruction = session.extra_arrays.get(RECONSTRUCTION)
+    if runtime.settings.photo_detail == "transfer" and reconstruction is not None and session.alignment is not None:
+        frame = add_photo_detail(np.asarray(session.alignment["inner_image"]), frame, reconstruction)
+    return frame
 
 
 def finalize(runtime: Runtime, session: Session) -> StepJob[bytes]:
     """Render the edit with the tuned generator, compose it into the photo and return the JPEG bytes."""
     if session.alignment is None or session.image is None or session.ws is None:
         raise PipelineError("no face has been prepared in this session yet")
-    detail = runtime.settings.finalize_detail  # "transfer" or "replace" (checked by Settings)
+    detail = runtime.settings.photo_detail  # "transfer" or "replace" (checked by Settings)
     generator, _ = runtime.session_models(session)
     with torch.inference_mode():
         new_inner = tensor_to_image(generator.synthesis(edited_ws(runtime, session, session.sliders)))

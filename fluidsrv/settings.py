@@ -54,7 +54,7 @@ class Settings:
     finetune_steps: int = 100
     # finalize: "transfer" adds the photo's own detail back where old and new head overlap (edit = the
     # generator's change laid over the photo); "replace" shows the generator's render as it is
-    finalize_detail: str = "transfer"
+    photo_detail: str = "transfer"
     # per-plugin options, keyed "stage.name", e.g. {"encoder.project": {"steps": 200}}; JSON in the env
     plugin_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     plugin_allow: tuple[str, ...] | None = None  # entry-point plugin names allowed; None = all
@@ -70,7 +70,7 @@ class Settings:
     session_ttl_seconds: float = 6 * 3600.0
 
     def __post_init__(self) -> None:
-        choices = {"finetune": ("lowrank", "full", "none"), "finalize_detail": ("transfer", "replace")}
+        choices = {"finetune": ("lowrank", "full", "none"), "photo_detail": ("transfer", "replace")}
         for name, allowed in choices.items():
             value = getattr(self, name)
             if value not in allowed:
