@@ -52,8 +52,8 @@ class Settings:
     previewer: str = "generator"
     finetune: str = "lowrank"  # pivotal tuning per session: "lowrank", "full" or "none"
     finetune_steps: int = 100
-    # finalize: "transfer" adds the photo's own detail back where old and new head overlap (edit = the
-    # generator's change laid over the photo); "replace" shows the generator's render as it is
+    # previews and finalize: "transfer" lays the render's change over the photo's own pixels
+    # (photo + edited − reconstructed, see fluidsrv.compose); "replace" shows the render as it is
     photo_detail: str = "transfer"
     # per-plugin options, keyed "stage.name", e.g. {"encoder.project": {"steps": 200}}; JSON in the env
     plugin_options: dict[str, dict[str, Any]] = field(default_factory=dict)
