@@ -68,3 +68,12 @@ def test_serve_runs_the_app_and_never_logs_tokens(tmp_path: Path, shared_dir: Pa
     logged = log_path.read_text()
     assert "/api/sessions/" in logged and "token=…" in logged  # requests were logged ...
     assert token not in logged  # ... without the token
+
+
+def test_serve_refuses_a_bad_setting_with_one_clear_line() -> None:
+    env = {**os.environ, "FLUIDSRV_PHOTO_DETAIL": "sharpen"}
+    done = subprocess.run([sys.executable, "-m", "fluidsrv", "serve", "--port", str(free_port())], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    expected = "fluidsrv: error: FLUIDSRV_PHOTO_DETAIL must be one of transfer, replace, not 'sharpen'"
+    assert done.stderr.strip() == expected
