@@ -585,7 +585,7 @@ def train_encoder(config: EncoderTrainConfig, run: EncoderRun) -> EncoderTrainSt
         stream,
         trainer.step,
         lambda: _snapshot(trainer, run, preview),
-        MetricLog(run.run_dir / LOG_FILE, LOGGED_METRICS),
+        MetricLog(run.run_dir / LOG_FILE, LOGGED_METRICS, logger=log),
         RunLength(run.kimg, config.snapshot_kimg, config.log_every, run.minutes),
     )
     return trainer.state

@@ -370,9 +370,10 @@ class RunCounters(Protocol):
 class MetricLog:
     """Averages step metrics between log lines, times the training between them, and appends JSON lines."""
 
-    def __init__(self, path: Path, shown: Sequence[str] = ()) -> None:
+    def __init__(self, path: Path, shown: Sequence[str] = (), logger: logging.Logger | None = None) -> None:
         self.path = path
         self.shown = tuple(shown)  # the record entries that the console line shows
+        self.logger = logger or log  # the console line goes out under the training module's name
         self._reset(time.perf_counter())
 
     def _reset(self, now: float) -> None:
@@ -410,7 +411,7 @@ class MetricLog:
             handle.write(json.dumps(record) + "\n")
         self._reset(now)
         shown = "  ".join(f"{name}={record[name]:.4g}" for name in self.shown if name in record)
-        log.info("step %d  %.2f kimg  %s", state.step, state.kimg, shown)
+        self.logger.info("step %d  %.2f kimg  %s", state.step, state.kimg, shown)
         if not all(math.isfinite(value) for value in means.values()):
             raise FloatingPointError(f"non-finite training metrics at step {state.step}: {means}")
         return record
