@@ -42,6 +42,7 @@ class Composition:
     image: np.ndarray  # uint8 [So, So, 3]
     changed: np.ndarray  # bool [So, So]: a margin around every pixel that differs from the old crop
     seam: np.ndarray  # bool [So, So]: the inpainted pixels
+    shown: np.ndarray  # float32 [So, So]: the weight of the new face in ``image`` (c ∩ d, feathered)
 
 
 def head_mask(parts: dict[str, np.ndarray]) -> np.ndarray:
@@ -92,7 +93,27 @@ def compose_outer(
     # everything that differs lies within the dilated heads; the extra margin lets a soft paste-back
     # weight reach 1 before the first changed pixel
     changed = dilate(old_head | new_head, dilation + 3 * soft) & ~border_band(old_head.shape, border)
-    return Composition(image=composite, changed=changed, seam=seam)
+    return Composition(image=composite, changed=changed, seam=seam, shown=alpha[..., 0])
+
+
+def detail_reference(edited: Composition, unedited: Composition, old_outer: np.ndarray) -> np.ndarray:
+    """Return the crop whose paste is subtracted from the photo in :func:`add_photo_detail` (uint8 [So, So, 3]).
+
+    Per pixel, by where the two compositions took it from:
+
+    * both from a render: the unedited composition, so the photo moves by the render's change;
+    * both from the inpainted seam: the edited composition, so the photo stays as it is (the seam's fill
+      comes from the renders next to it and says nothing about the photo);
+    * from different sources (the head's outline moved): the old crop, so the edited composition is kept
+      with only the photo's fine detail added;
+    * both from the old crop: either, they are equal.
+    """
+    differs = np.abs(edited.shown - unedited.shown) + (edited.seam != unedited.seam)  # [So, So]
+    agreement = np.clip(1.0 - differs, 0.0, 1.0)[..., None]  # [So, So, 1]
+    both_seam = (edited.seam & unedited.seam)[..., None]
+    agreed = np.where(both_seam, edited.image, unedited.image).astype(np.float32)
+    blended = agreed * agreement + old_outer.astype(np.float32) * (1.0 - agreement)
+    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
 
 
 def add_photo_detail(photo: np.ndarray, edited: np.ndarray, reconstructed: np.ndarray) -> np.ndarray:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from fluidsrv import latents
-from fluidsrv.compose import add_photo_detail, compose_outer
+from fluidsrv.compose import add_photo_detail, compose_outer, detail_reference
 from fluidsrv.convert import image_to_tensor, tensor_to_image
 from fluidsrv.geometry import Alignment, align_face, face_landmarks
 from fluidsrv.image_io import decode_image, encode_image
@@ -134,10 +134,11 @@ def finalize(runtime: Runtime, session: Session) -> StepJob[bytes]:
             alignment.outer_image, reconstructed_inner, alignment.inner_offset, segmenter, inpainter
         )
         changed = edited.changed | unedited.changed
+        reference = detail_reference(edited, unedited, alignment.outer_image)
         photo = add_photo_detail(
             session.image,
             alignment.paste_back(session.image, edited.image, "outer", mask=changed, feather=PASTE_FEATHER),
-            alignment.paste_back(session.image, unedited.image, "outer", mask=changed, feather=PASTE_FEATHER),
+            alignment.paste_back(session.image, reference, "outer", mask=changed, feather=PASTE_FEATHER),
         )
     yield Progress("finalize", 3, 4, "pasted into the photo")
 

@@ -13,7 +13,7 @@ from PIL import Image
 from starlette.testclient import TestClient
 
 from fluidsrv.app import PREVIEW_FORMAT, create_app
-from fluidsrv.compose import add_photo_detail
+from fluidsrv.compose import Composition, add_photo_detail, detail_reference
 from fluidsrv.convert import encode_preview
 from fluidsrv.geometry import align_face, face_landmarks
 from fluidsrv.image_io import decode_image
@@ -41,6 +41,24 @@ def test_add_photo_detail_moves_the_photo_by_the_edit_and_leaves_the_rest_byte_i
     assert np.array_equal(add_photo_detail(photo, reconstructed, reconstructed), photo)  # no edit: the photo
     with pytest.raises(ValueError, match="shapes differ"):
         add_photo_detail(photo, edited[:-1], reconstructed)
+
+
+def test_detail_reference_takes_each_pixel_by_where_both_compositions_took_it() -> None:
+    size = 4
+    old = np.full((size, size, 3), 10, dtype=np.uint8)
+    flags = np.zeros((size, size), dtype=bool)
+
+    def composition(value: int, shown: list[int], seam: list[int]) -> Composition:
+        shown_mask, seam_mask = np.zeros((size, size), dtype=np.float32), flags.copy()
+        shown_mask[0, shown], seam_mask[0, seam] = 1.0, True
+        return Composition(np.full((size, size, 3), value, np.uint8), flags, seam_mask, shown_mask)
+
+    # column 0: both rendered; 1: both inpainted; 2: rendered in one only; 3: old crop in both
+    edited = composition(200, shown=[0, 2], seam=[1])
+    unedited = composition(100, shown=[0], seam=[1, 2])
+    reference = detail_reference(edited, unedited, old)[0, :, 0]
+    assert reference.tolist() == [100, 200, 10, 100]  # unedited render, edited seam, old crop, (any)
+    assert np.array_equal(detail_reference(unedited, unedited, old), unedited.image)  # no edit: the reconstruction
 
 
 def test_unknown_finalize_mode_is_refused_with_the_variable_name() -> None:
