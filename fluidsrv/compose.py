@@ -10,8 +10,9 @@ Detail transfer: a generator renders faces at its own resolution (128² for the 
 photo's. The finalize step can therefore compose twice, the edited render and the unedited one
 (the reconstruction), paste both into the photo and keep only their difference:
 ``photo + (edited − reconstructed)`` (:func:`add_photo_detail`). An edit of strength zero returns the photo
-itself, and an edit changes the photo by exactly what the generator changed, at the photo's resolution; large
-geometric edits (pose) can show a faint double image of the old features, which "replace" avoids.
+itself, and an edit changes the photo by exactly what the generator changed, at the photo's resolution. Where
+the head's outline moved (pose), the edited composition is kept as it is, with only the photo's fine detail
+added (:func:`detail_reference`).
 """
 
 from __future__ import annotations
@@ -53,6 +54,11 @@ def head_mask(parts: dict[str, np.ndarray]) -> np.ndarray:
     return np.maximum(parts["face"], parts["hair"]).astype(np.float32)
 
 
+def parse_head(image: np.ndarray, segmenter: Segmenter) -> np.ndarray:
+    """Return the face+hair mask (bool [H, W]) the segmenter finds in ``image``."""
+    return head_mask(segmenter.parse(image)) >= 0.5
+
+
 def place_inner(inner: np.ndarray, outer_size: int, offset: int) -> np.ndarray:
     """Return an [So, So, ...] array of zeros with ``inner`` written at ``offset`` (the inner region)."""
     size = inner.shape[0]
@@ -69,8 +75,12 @@ def compose_outer(
     segmenter: Segmenter,
     inpainter: Inpainter,
     config: ComposeConfig | None = None,
+    old_head: np.ndarray | None = None,
 ) -> Composition:
-    """Return the old outer crop with ``new_inner`` shown where the new head is and the seam inpainted."""
+    """Return the old outer crop with ``new_inner`` shown where the new head is and the seam inpainted.
+
+    ``old_head`` is :func:`parse_head` of ``old_outer`` when the caller already has it (it is parsed otherwise).
+    """
     config = config or ComposeConfig()
     outer_size, size = old_outer.shape[0], new_inner.shape[0]
     assert old_outer.shape == (outer_size, outer_size, 3) and new_inner.shape == (size, size, 3)
@@ -78,8 +88,9 @@ def compose_outer(
     border = max(1, round(config.border * size))
     soft = max(1, round(config.feather * size))
 
-    old_head = head_mask(segmenter.parse(old_outer)) >= 0.5  # a before dilation, [So, So]
-    new_head = place_inner(head_mask(segmenter.parse(new_inner)), outer_size, offset) >= 0.5  # c, [So, So]
+    if old_head is None:
+        old_head = parse_head(old_outer, segmenter)  # a before dilation, [So, So]
+    new_head = place_inner(parse_head(new_inner, segmenter), outer_size, offset)  # c, [So, So]
     inner_region = place_inner(np.ones((size, size), dtype=bool), outer_size, offset)  # d, [So, So]
     seam = seam_mask(old_head, new_head, inner_region, dilation=dilation, border=border)
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from fluidsrv import latents
-from fluidsrv.compose import add_photo_detail, compose_outer, detail_reference
+from fluidsrv.compose import add_photo_detail, compose_outer, detail_reference, parse_head
 from fluidsrv.convert import image_to_tensor, tensor_to_image
 from fluidsrv.geometry import Alignment, align_face, face_landmarks
 from fluidsrv.image_io import decode_image, encode_image
@@ -57,10 +57,8 @@ def prepare(runtime: Runtime, session: Session, face_index: int) -> StepJob[None
     if runtime.settings.finetune != "none":
         from fluidsrv.pti import DeltaMode, PTIConfig, apply_delta, finetune
 
-        mode = runtime.settings.finetune
-        if mode not in ("full", "lowrank"):
-            raise PipelineError(f'finetune must be "lowrank", "full" or "none", not {mode!r}')
-        config = PTIConfig(mode=cast(DeltaMode, mode), steps=runtime.settings.finetune_steps)
+        mode = cast(DeltaMode, runtime.settings.finetune)  # "full" or "lowrank" (checked by Settings)
+        config = PTIConfig(mode=mode, steps=runtime.settings.finetune_steps)
         delta = yield from finetune(generator, target, ws, config)
         tuned = apply_delta(generator, delta)
     renderer = yield from runtime.stage("previewer").fit(tuned, ws)
@@ -124,14 +122,17 @@ def finalize(runtime: Runtime, session: Session) -> StepJob[bytes]:
 
     alignment = Alignment.from_dict(session.alignment)
     segmenter, inpainter = runtime.stage("segmenter"), runtime.stage("inpainter")
-    edited = compose_outer(alignment.outer_image, new_inner, alignment.inner_offset, segmenter, inpainter)
+    old_head = parse_head(alignment.outer_image, segmenter)  # parsed once for both compositions
+    edited = compose_outer(
+        alignment.outer_image, new_inner, alignment.inner_offset, segmenter, inpainter, old_head=old_head
+    )
     yield Progress("finalize", 2, 4, "face composed and seam inpainted", frame=edited.image)
 
     if reconstructed_inner is None:
         photo = alignment.paste_back(session.image, edited.image, "outer", mask=edited.changed, feather=PASTE_FEATHER)
     else:
         unedited = compose_outer(
-            alignment.outer_image, reconstructed_inner, alignment.inner_offset, segmenter, inpainter
+            alignment.outer_image, reconstructed_inner, alignment.inner_offset, segmenter, inpainter, old_head=old_head
         )
         changed = edited.changed | unedited.changed
         reference = detail_reference(edited, unedited, alignment.outer_image)
