@@ -231,6 +231,7 @@ async def config(request: Request) -> JSONResponse:
             "generator": server.runtime.describe(),
             "plugins": [info.as_dict() for info in plugins],
             "active": server.runtime.active_stages(),
+            "directions_unavailable": server.runtime.direction_status(),
             "features": features(server.runtime),
             "finetune": settings.finetune,
             "photo_detail": settings.photo_detail,

@@ -6,13 +6,9 @@ inside the inner region; the seam where the old head was but the new one is not 
 :mod:`fluidsrv.masks`). The result differs from the old outer crop only inside the returned
 ``changed`` mask, which the caller uses to paste back into the photo.
 
-Detail transfer: a generator renders faces at its own resolution (128² for the embedded model), far below a
-photo's. The finalize step can therefore compose twice, the edited render and the unedited one
-(the reconstruction), paste both into the photo and keep only their difference:
-``photo + (edited − reconstructed)`` (:func:`add_photo_detail`). An edit of strength zero returns the photo
-itself, and an edit changes the photo by exactly what the generator changed, at the photo's resolution. Where
-the head's outline moved (pose), the edited composition is kept as it is, with only the photo's fine detail
-added (:func:`detail_reference`).
+This is the ``replace`` mode of finalize (``FLUIDSRV_PHOTO_DETAIL=replace``), suited to a generator whose
+resolution matches the photo's face; the default ``transfer`` mode lays only the render's change over the photo
+(:mod:`fluidsrv.transfer`).
 """
 
 from __future__ import annotations
@@ -105,35 +101,3 @@ def compose_outer(
     # weight reach 1 before the first changed pixel
     changed = dilate(old_head | new_head, dilation + 3 * soft) & ~border_band(old_head.shape, border)
     return Composition(image=composite, changed=changed, seam=seam, shown=alpha[..., 0])
-
-
-def detail_reference(edited: Composition, unedited: Composition, old_outer: np.ndarray) -> np.ndarray:
-    """Return the crop whose paste is subtracted from the photo in :func:`add_photo_detail` (uint8 [So, So, 3]).
-
-    Per pixel, by where the two compositions took it from:
-
-    * both from a render: the unedited composition, so the photo moves by the render's change;
-    * both from the inpainted seam: the edited composition, so the photo stays as it is (the seam's fill
-      comes from the renders next to it and says nothing about the photo);
-    * from different sources (the head's outline moved): the old crop, so the edited composition is kept
-      with only the photo's fine detail added;
-    * both from the old crop: either, they are equal.
-    """
-    differs = np.abs(edited.shown - unedited.shown) + (edited.seam != unedited.seam)  # [So, So]
-    agreement = np.clip(1.0 - differs, 0.0, 1.0)[..., None]  # [So, So, 1]
-    both_seam = (edited.seam & unedited.seam)[..., None]
-    agreed = np.where(both_seam, edited.image, unedited.image).astype(np.float32)
-    blended = agreed * agreement + old_outer.astype(np.float32) * (1.0 - agreement)
-    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
-
-
-def add_photo_detail(photo: np.ndarray, edited: np.ndarray, reconstructed: np.ndarray) -> np.ndarray:
-    """Return ``edited + (photo − reconstructed)`` as uint8: the edit's change laid over the photo's own pixels.
-
-    All three are uint8 [H, W, 3] photos; wherever ``reconstructed`` equals ``photo`` (outside the region it
-    was pasted into) the result is ``edited`` byte for byte.
-    """
-    if not photo.shape == edited.shape == reconstructed.shape:
-        raise ValueError(f"shapes differ: {photo.shape}, {edited.shape}, {reconstructed.shape}")
-    detail = photo.astype(np.int16) - reconstructed.astype(np.int16)  # [H, W, 3]
-    return np.clip(edited.astype(np.int16) + detail, 0, 255).astype(np.uint8)

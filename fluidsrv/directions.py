@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     from fluidsrv.models.stylegan2 import Generator
 
 DIRECTIONS_FORMAT = "fluidsrv-directions"
+MORE_SLIDERS = "More sliders"
+"""UI group of the generator's unnamed directions (SeFa, GANSpace), listed after the named sliders."""
 
 
 @dataclass(frozen=True)
@@ -300,6 +302,11 @@ def attribute_cache_path(cache_dir: Path, generator: Generator, scorer_name: str
     return (
         Path(cache_dir) / "directions" / f"attributes-{generator_fingerprint(generator)[:16]}-{safe_scorer}.safetensors"
     )
+
+
+def named_cache_path(cache_dir: Path, generator: Generator) -> Path:
+    """Where ``fluidsrv directions compute --source named`` writes this generator's named sliders."""
+    return Path(cache_dir) / "directions" / f"named-{generator_fingerprint(generator)[:16]}.safetensors"
 
 
 @torch.no_grad()

@@ -627,6 +627,39 @@ def paste_back(
     return result
 
 
+def warp_crop_to_photo(
+    values: np.ndarray, transform: CropTransform, photo_shape: tuple[int, ...]
+) -> tuple[tuple[int, int, int, int], np.ndarray] | None:
+    """Warp a float32 crop map [N, N, C] (zero where it has nothing) into the photo, bicubic, zero outside.
+
+    Returns the photo box (x0, y0, x1, y1) the map reaches and the warped values [h, w, C] there, or None
+    when it reaches no photo pixel. ``N`` may differ from ``transform.size`` (the same quad is sampled).
+    """
+    size = values.shape[0]
+    if values.ndim != 3 or values.shape[1] != size:
+        raise ValueError(f"expected a square [N, N, C] map, got {values.shape}")
+    if size != transform.size:
+        transform = transform.resized(size)
+    support = np.abs(values).max(axis=2)  # [N, N]
+    box = _photo_box_of_support(support, transform, photo_shape)
+    if box is None:
+        return None
+    x0, y0, x1, y1 = box
+    box_to_crop = transform.to_crop @ _translation(x0, y0)
+    chunks = [  # OpenCV warps bicubically at most four channels at a time
+        _resample(
+            np.ascontiguousarray(values[..., start : start + 4], dtype=np.float32),
+            box_to_crop,
+            x1 - x0,
+            y1 - y0,
+            source_per_target=transform.scale,
+            border_mode=cv2.BORDER_CONSTANT,
+        ).reshape(y1 - y0, x1 - x0, -1)
+        for start in range(0, values.shape[2], 4)
+    ]
+    return box, np.concatenate(chunks, axis=2)
+
+
 def _photo_box_of_support(
     weight: np.ndarray, transform: CropTransform, photo_shape: tuple[int, ...]
 ) -> tuple[int, int, int, int] | None:

@@ -39,10 +39,12 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "fluidsrv_plugins.directions_sefa",
     "fluidsrv_plugins.directions_ganspace",
     "fluidsrv_plugins.directions_attributes",
+    "fluidsrv_plugins.directions_named",
     "fluidsrv_plugins.directions_files",
     "fluidsrv_plugins.directions_clip",
     "fluidsrv_plugins.score_classifier",
     "fluidsrv_plugins.score_age_gender",
+    "fluidsrv_plugins.score_geometry",
 )
 """Modules of the built-in plugins, registered in this order."""
 

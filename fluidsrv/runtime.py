@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from fluidsrv import latents
+from fluidsrv.directions import DirectionsUnavailableError
 from fluidsrv.models.stylegan2 import Generator, GeneratorConfig
 from fluidsrv.plugins import PluginError, StageCatalog, build_plugin_manager
 from fluidsrv.sessions import Session
@@ -179,6 +180,7 @@ class Runtime:
         self.tuned = TunedModels(tuned_capacity)
         self.directions: dict[str, Direction] = {}
         self.direction_sources: list[str] = []
+        self.direction_problems: dict[str, str] = {}  # source name -> why it gave no directions
         self.spread = latents.latent_spread(self.generator)
         self._text_source: Any = None
         self._session_directions: dict[str, tuple[tuple[int, int], dict[str, Direction]]] = {}
@@ -211,29 +213,45 @@ class Runtime:
         active["directions"] = list(self.direction_sources)
         return active
 
+    def direction_status(self) -> dict[str, str]:
+        """The direction sources that were asked for but give no sliders, each with the reason (for the UI)."""
+        with self._lock:
+            return dict(self.direction_problems)
+
     def load_directions(self, sources: list[str]) -> None:
         """Collect the directions of every available source in ``sources`` (unavailable ones are skipped)."""
         directions: dict[str, Direction] = {}
-        used = []
+        used: list[str] = []
+        problems: dict[str, str] = {}
         for name in sources:
-            if name not in self.catalog.names("directions"):
-                log.warning("direction source %r is not installed", name)
-                continue
-            reason = self.catalog.unavailable_reason("directions", name)
+            reason = self._direction_source_problem(name)
+            found: list[Direction] = []
+            if reason is None:
+                try:
+                    found = self.catalog.create("directions", name).directions(self.generator)
+                except (DirectionsUnavailableError, PluginError, ValueError) as error:
+                    reason = str(error)
             if reason is not None:
-                log.info("direction source %s is unavailable: %s", name, reason)
+                log.warning("direction source %s gives no sliders: %s", name, reason)
+                problems[name] = reason
                 continue
-            source = self.catalog.create("directions", name)
-            for direction in source.directions(self.generator):
+            for direction in found:
                 if direction.name in directions:  # two sources used one name: keep both, qualified
                     direction = replace(direction, name=f"{name}:{direction.name}")
                 directions[direction.name] = direction
             used.append(name)
         if not directions:
-            raise PluginError(f"no direction source produced directions (tried {', '.join(sources)})")
+            tried = "; ".join(f"{name}: {reason}" for name, reason in problems.items()) or ", ".join(sources)
+            raise PluginError(f"no direction source produced directions ({tried})")
         with self._lock:
-            self.directions, self.direction_sources = directions, used
+            self.directions, self.direction_sources, self.direction_problems = directions, used, problems
             self._directions_generation += 1
+
+    def _direction_source_problem(self, name: str) -> str | None:
+        """Why the direction source ``name`` cannot be used at all, or None when it can be tried."""
+        if name not in self.catalog.names("directions"):
+            return "not installed"
+        return self.catalog.unavailable_reason("directions", name)
 
     def sefa_directions(self, layers: tuple[int, int], k: int) -> list[Direction]:
         """Compute the top-``k`` SeFa directions of a layer range (closed form, milliseconds)."""

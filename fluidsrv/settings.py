@@ -46,7 +46,7 @@ class Settings:
     # each stage: plugin names in order of preference; the first available one is used
     detector: str = "dlib,yunet,mediapipe"
     encoder: str = "e4e,project"
-    directions: str = "sefa,attributes,ganspace"  # every available source contributes sliders
+    directions: str = "named,sefa,ganspace"  # every available source contributes sliders
     segmenter: str = "bisenet,landmarks"
     inpainter: str = "lama,telea"
     previewer: str = "generator"

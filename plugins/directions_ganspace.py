@@ -11,7 +11,15 @@ import threading
 from typing import TYPE_CHECKING
 
 from fluidsrv import hookimpl
-from fluidsrv.directions import Factorization, generator_fingerprint, option_int, option_layer_ranges, pca, sample_w
+from fluidsrv.directions import (
+    MORE_SLIDERS,
+    Factorization,
+    generator_fingerprint,
+    option_int,
+    option_layer_ranges,
+    pca,
+    sample_w,
+)
 from fluidsrv.stages import Direction, DirectionSource, PluginContext, PluginFactory
 
 if TYPE_CHECKING:
@@ -55,7 +63,7 @@ class GanSpaceSource:
                         vector=found.directions[index : index + 1],  # [1, w_dim]
                         layers=None if (start, stop) == (0, generator.num_ws) else (start, stop),
                         slider_range=SLIDER_RANGE,
-                        group="GANSpace",
+                        group=MORE_SLIDERS,
                         provenance=f"GANSpace PCA of {self.samples} sampled w (seed {self.seed}): component "
                         f"{index}, std {float(found.values[index]):.4g}, layers [{start}, {stop})",
                     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from fluidsrv import hookimpl
-from fluidsrv.directions import option_int, option_layer_ranges, sefa
+from fluidsrv.directions import MORE_SLIDERS, option_int, option_layer_ranges, sefa
 from fluidsrv.stages import Direction, DirectionSource, PluginContext, PluginFactory
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ class SefaSource:
                     vector=found.directions[index : index + 1],  # [1, w_dim]
                     layers=None,
                     slider_range=SLIDER_RANGE,
-                    group="SeFa",
+                    group=MORE_SLIDERS,
                     provenance=f"SeFa (rosinality, raw weights of all conv layers) eigenvector {index}, "
                     f"eigenvalue {float(found.values[index]):.4g}",
                 )
@@ -59,7 +59,7 @@ class SefaSource:
                         vector=found.directions[index : index + 1],  # [1, w_dim]
                         layers=(start, stop),
                         slider_range=SLIDER_RANGE,
-                        group="SeFa",
+                        group=MORE_SLIDERS,
                         provenance=f"SeFa (genforce, normalised weights of layers [{start}, {stop})) eigenvector "
                         f"{index}, eigenvalue {float(found.values[index]):.4g}",
                     )

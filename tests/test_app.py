@@ -162,7 +162,7 @@ def test_full_edit_flow_preview_undo_finalize(client: TestClient, photo: bytes) 
         frame1 = next_preview(socket)
         assert (frame0.seq, frame1.seq) == (1, 2)
         pixels0, pixels1 = decode(frame0), decode(frame1)
-        assert pixels0.shape == (32, 32, 3)
+        assert pixels0.shape == (256, 256, 3)  # the aligned photo crop at the preview side
         assert np.abs(pixels0.astype(int) - pixels1.astype(int)).mean() > 1.0  # the slider changed the face
         socket.send_text(json.dumps({"type": "undo", "seq": 3}))
         answer, _ = receive_until(socket, "sliders")

@@ -109,7 +109,7 @@ def test_upload_pick_slide_undo_finalize_download(page: Any, shared_dir: Path, t
     first_seq = wait_new_frame(page, -1)
     assert canvas_pixels(page, "#progress-frame").shape[0] > 1, "no intermediate frame was shown while preparing"
     before = canvas_pixels(page)
-    assert before.shape == (32, 32, 3)
+    assert before.shape == (256, 256, 3)  # the aligned photo crop at the preview side
     shot(page, "03-editor")
 
     # drag a slider: the preview changes; releasing it commits an undo step

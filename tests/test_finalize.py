@@ -13,7 +13,6 @@ from PIL import Image
 from starlette.testclient import TestClient
 
 from fluidsrv.app import PREVIEW_FORMAT, create_app
-from fluidsrv.compose import Composition, add_photo_detail, detail_reference
 from fluidsrv.convert import encode_preview
 from fluidsrv.geometry import align_face, face_landmarks
 from fluidsrv.image_io import decode_image
@@ -21,44 +20,6 @@ from fluidsrv.protocol import decode_frame
 from fluidsrv.runtime import Runtime
 from fluidsrv.settings import Settings, SettingsError
 from tests.server_support import SMALL_PHOTO, receive_until, small_settings
-
-
-def test_add_photo_detail_moves_the_photo_by_the_edit_and_leaves_the_rest_byte_identical() -> None:
-    rng = np.random.default_rng(0)
-    photo = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
-    reconstructed = photo.copy()
-    reconstructed[10:30, 10:30] = 128  # a blurry render pasted over the face region
-    edited = reconstructed.copy()
-    edited[10:30, 10:30] = 140  # the edit brightens the render by 12
-
-    result = add_photo_detail(photo, edited, reconstructed)
-
-    expected = np.clip(photo[10:30, 10:30].astype(int) + 12, 0, 255)
-    assert np.array_equal(result[10:30, 10:30], expected)
-    outside = np.ones(photo.shape[:2], dtype=bool)
-    outside[10:30, 10:30] = False
-    assert np.array_equal(result[outside], photo[outside])
-    assert np.array_equal(add_photo_detail(photo, reconstructed, reconstructed), photo)  # no edit: the photo
-    with pytest.raises(ValueError, match="shapes differ"):
-        add_photo_detail(photo, edited[:-1], reconstructed)
-
-
-def test_detail_reference_takes_each_pixel_by_where_both_compositions_took_it() -> None:
-    size = 4
-    old = np.full((size, size, 3), 10, dtype=np.uint8)
-    flags = np.zeros((size, size), dtype=bool)
-
-    def composition(value: int, shown: list[int], seam: list[int]) -> Composition:
-        shown_mask, seam_mask = np.zeros((size, size), dtype=np.float32), flags.copy()
-        shown_mask[0, shown], seam_mask[0, seam] = 1.0, True
-        return Composition(np.full((size, size, 3), value, np.uint8), flags, seam_mask, shown_mask)
-
-    # column 0: both rendered; 1: both inpainted; 2: rendered in one only; 3: old crop in both
-    edited = composition(200, shown=[0, 2], seam=[1])
-    unedited = composition(100, shown=[0], seam=[1, 2])
-    reference = detail_reference(edited, unedited, old)[0, :, 0]
-    assert reference.tolist() == [100, 200, 10, 100]  # unedited render, edited seam, old crop, (any)
-    assert np.array_equal(detail_reference(unedited, unedited, old), unedited.image)  # no edit: the reconstruction
 
 
 def test_unknown_finalize_mode_is_refused_with_the_variable_name() -> None:
@@ -129,10 +90,13 @@ def test_an_unedited_face_is_the_photo_with_transfer_and_the_render_with_replace
     settings = small_settings(tmp_path)
     image = decode_image(photo).pixels
     faces = Runtime.build(settings).stage("detector").detect(image)
-    inner = align_face(image, face_landmarks(faces[0]), size=32).inner_image
-    inner_frame = webp_round_trip(inner)  # the aligned photo as a preview frame would carry it
-    assert np.abs(transfer.preview.astype(np.int16) - inner_frame).mean() < 1.0  # the preview at zero: the photo
-    assert np.abs(replace.preview.astype(np.int16) - inner_frame).mean() > 10.0  # ... or the untrained render
+
+    def inner_frame(size: int) -> np.ndarray:  # the aligned photo as a preview frame would carry it
+        return webp_round_trip(align_face(image, face_landmarks(faces[0]), size=size).inner_image)
+
+    assert transfer.preview.shape == (256, 256, 3)  # the aligned photo crop at the preview side
+    assert np.abs(transfer.preview.astype(np.int16) - inner_frame(256)).mean() < 1.0  # at zero: the photo
+    assert np.abs(replace.preview.astype(np.int16) - inner_frame(32)).mean() > 10.0  # ... or the untrained render
 
 
 def test_an_edit_with_transfer_changes_the_face_by_the_renders_difference(

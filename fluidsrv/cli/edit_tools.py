@@ -74,6 +74,14 @@ def register(subparsers: Any) -> None:
         description="Sample faces, score them (age, gender), fit InterFaceGAN boundaries and cluster-mean "
         "directions, and cache them where the 'attributes' direction plugin reads them.",
     )
+    compute.add_argument(
+        "--source",
+        choices=("attributes", "named"),
+        default="attributes",
+        help="attributes: age/gender boundaries and cluster means (default); named: the named sliders (Age, Smile, "
+        "Head turn, ...) with measured layer and slider ranges",
+    )
+    compute.add_argument("--out", type=Path, help="write the named sliders here instead of the cache")
     compute.add_argument("--scorer", default="classifier", help="scorer plugin (default classifier)")
     compute.add_argument("--samples", type=int, default=2_000, help="faces to render and score (default 2000)")
     compute.add_argument("--batch", type=int, default=16, help="render batch size (default 16)")
@@ -325,6 +333,8 @@ def run_directions_compute(args: argparse.Namespace) -> int:
         raise CliError("--samples must be >= 10 and --fraction in (0, 0.5]")
     generator = load_cli_generator(args.generator, args.device)
     context = _plugin_context(args, {})
+    if args.source == "named":
+        return compute_named(args, generator, context)
     scorer = create_plugin("fluidsrv_scorers", args.scorer, context)
     job = compute_attribute_directions(
         generator, scorer, args.scorer, context.cache_dir,
@@ -341,4 +351,32 @@ def run_directions_compute(args: argparse.Namespace) -> int:
     for direction in directions:
         print(f"{direction.name:22} {direction.label:24} {direction.provenance}")
     print(f"cached in {attribute_cache_path(context.cache_dir, generator, args.scorer)}")
+    return 0
+
+
+def drain(job: Any) -> Any:
+    """Run a step job to its end, printing every tenth step and the last; return its result."""
+    try:
+        while True:
+            progress = next(job)
+            if progress.step == progress.total or progress.step % 10 == 0:
+                print(f"  {progress.message}", flush=True)
+    except StopIteration as done:
+        return done.value
+
+
+def compute_named(args: argparse.Namespace, generator: Generator, context: Any) -> int:
+    """Fit the named sliders of the generator with the classifier and geometry scorers; write them."""
+    from fluidsrv.directions import named_cache_path, save_directions
+    from fluidsrv.training.named_directions import FitConfig, fit_named_directions
+
+    scorers = [create_plugin("fluidsrv_scorers", name, context) for name in ("classifier", "geometry")]
+    config = FitConfig(samples=args.samples, seed=args.seed, truncation=args.truncation, fraction=args.fraction)
+    directions, metadata = drain(fit_named_directions(generator, scorers, config=config))
+    out = args.out or named_cache_path(context.cache_dir, generator)
+    save_directions(out, directions, metadata)
+    for direction in directions:
+        low, high = direction.slider_range
+        print(f"{direction.label:18} [{low:g}, {high:g}]  {direction.provenance}")
+    print(f"written to {out}")
     return 0

@@ -466,6 +466,14 @@ async function boot() {
   await loadServerInfo();
 }
 
+/** Say which asked-for slider sources give nothing on this server, and what to run (e.g. named sliders). */
+function describeMissingSliders(unavailable) {
+  const hint = $("sliders-missing");
+  const reasons = Object.entries(unavailable).map(([source, reason]) => `${source}: ${reason}`);
+  hint.textContent = reasons.length ? `Some sliders are not available. ${reasons.join(" ")}` : "";
+  hint.hidden = reasons.length === 0;
+}
+
 async function loadServerInfo() {
   try {
     [app.config, app.directions] = await Promise.all([api.config(), api.directions().then((body) => body.directions)]);
@@ -475,6 +483,7 @@ async function loadServerInfo() {
     return;
   }
   describeLimits();
+  describeMissingSliders(app.config.directions_unavailable ?? {});
   sliders.setDirections(app.directions);
   const report = (text) => setEditorStatus(text);
   const addSliders = (directions, group) => sliders.addDirections(directions, group);
