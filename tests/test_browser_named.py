@@ -58,4 +58,5 @@ def test_the_named_sliders_are_listed_and_age_changes_the_preview(page: Any, sha
     after = canvas_pixels(page)
     changed = np.abs(after.astype(int) - before.astype(int)).max(axis=2) > 12  # [H, W]
     assert changed.mean() > 0.01, "Age at +max did not change the preview"
-    assert not changed[:8].any() and not changed[-8:].any(), "the crop's border (background) moved"
+    rim = np.concatenate([changed[0], changed[-1], changed[:, 0], changed[:, -1]])
+    assert rim.mean() < 0.02, "the crop's rim moved (the edit fades out before the inner crop's border)"
