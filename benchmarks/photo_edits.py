@@ -46,13 +46,10 @@ import math
 import os
 import platform
 import re
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -71,6 +68,7 @@ from fluidsrv.image_io import decode_image
 from fluidsrv.settings import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT))
+from benchmarks import live_server
 from benchmarks import photo_metrics as pm
 
 DEFAULT_PHOTOS = REPO_ROOT.parent / "shared" / "photos-eval"
@@ -83,7 +81,6 @@ IDENTITY_THRESHOLD = dlib_faces.SAME_PERSON_DISTANCE
 BASELINE_KEY = "zero (baseline)"  # --baseline: a finalize with every slider at zero (re-encoding noise)
 PAD_GREY = 128  # as the dlib detector plugin pads the landmark crop
 PREDICTOR_MARGIN = 0.5
-SERVER_START_SECONDS = 300.0
 PREPARE_TIMEOUT_SECONDS = 1800.0
 FRAME_TIMEOUT_SECONDS = 300.0
 METRICS = (
@@ -141,47 +138,13 @@ class Reference:
 # ---------------------------------------------------------------------------------------------- server
 
 
-def free_port() -> int:
-    """Return a free TCP port on loopback."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 @contextmanager
 def serve(args: argparse.Namespace, scratch: Path) -> Iterator[str]:
     """Run ``fluidsrv serve`` (README defaults) in a subprocess; yield its base URL once /api/health answers."""
-    port = free_port()
     env = {**os.environ, "FLUIDSRV_DATA_DIR": str(scratch / "data")}
     env.update(dict(item.split("=", 1) for item in args.server_env))
-    command = [sys.executable, "-c", "import sys; from fluidsrv.cli import main; sys.exit(main())",
-               "serve", "--port", str(port), "--generator", args.generator, "--device", args.device]
-    log_path = scratch / "server.log"
-    log = log_path.open("wb")
-    server = subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + SERVER_START_SECONDS
-        while True:
-            if server.poll() is not None:
-                tail = log_path.read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"fluidsrv serve exited with status {server.returncode}:\n{tail}")
-            try:
-                with urllib.request.urlopen(url + "/api/health", timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("fluidsrv serve did not start in time") from None
-                time.sleep(0.5)
+    with live_server.serve(args.generator, args.device, env, scratch / "server.log") as url:
         yield url
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
 
 
 @contextmanager

@@ -23,13 +23,10 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,6 +35,7 @@ from typing import Any
 from fluidsrv.settings import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT))
+from benchmarks import live_server
 from tests.browser_support import CHROMIUM, chromium_context, wait_booted, wait_new_frame
 
 DEFAULT_PHOTO = REPO_ROOT.parent / "shared" / "photos" / "deepface_img12.jpg"
@@ -50,7 +48,6 @@ FAST_PREPARE_ENV = {
     "FLUIDSRV_SEGMENTER": "landmarks",
     "FLUIDSRV_INPAINTER": "telea",
 }
-SERVER_START_SECONDS = 300.0
 PREPARE_TIMEOUT_MS = 600_000
 
 # Runs in the page: move the first slider ``moves`` times, one move per animation frame.
@@ -76,46 +73,13 @@ MOVE_SCRIPT = """
 """
 
 
-def free_port() -> int:
-    """Return a free TCP port on loopback."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 @contextmanager
 def serve(generator: str, device: str, data_dir: Path) -> Iterator[str]:
     """Run ``fluidsrv serve`` in a subprocess; yield its base URL once /api/health answers."""
-    port = free_port()
     env = {**FAST_PREPARE_ENV, **os.environ, "FLUIDSRV_DATA_DIR": str(data_dir)}
-    command = [sys.executable, "-c", "import sys; from fluidsrv.cli import main; sys.exit(main())",
-               "serve", "--port", str(port), "--generator", generator, "--device", device]
-    log_path = data_dir.parent / "server.log"  # the server's log stays out of the printed JSON
-    log = log_path.open("wb")
-    server = subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + SERVER_START_SECONDS
-        while True:
-            if server.poll() is not None:
-                tail = log_path.read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"fluidsrv serve exited with status {server.returncode}:\n{tail}")
-            try:
-                with urllib.request.urlopen(url + "/api/health", timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("fluidsrv serve did not start in time") from None
-                time.sleep(0.5)
+    # the server's log stays out of the printed JSON
+    with live_server.serve(generator, device, env, data_dir.parent / "server.log") as url:
         yield url
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
 
 
 def percentile(values: list[float], fraction: float) -> float:
