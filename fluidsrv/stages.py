@@ -82,6 +82,32 @@ class Direction:
     group: str = ""  # UI group, e.g. "Attributes", "SeFa", "GANSpace"
     provenance: str = ""  # how it was made (source, file, parameters)
 
+    def describe(self) -> dict[str, Any]:
+        """The JSON form of everything but the vector (the one mapping: API, session spill and direction files)."""
+        return {
+            "name": self.name,
+            "label": self.label,
+            "group": self.group,
+            "min": float(self.slider_range[0]),
+            "max": float(self.slider_range[1]),
+            "layers": list(self.layers) if self.layers else None,
+            "provenance": self.provenance,
+        }
+
+    @classmethod
+    def from_description(cls, facts: Mapping[str, Any], vector: torch.Tensor) -> Direction:
+        """Rebuild a direction from :meth:`describe`'s JSON form and its vector."""
+        layers = facts.get("layers")
+        return cls(
+            name=str(facts["name"]),
+            label=str(facts["label"]),
+            vector=vector,
+            layers=(int(layers[0]), int(layers[1])) if layers else None,
+            slider_range=(float(facts["min"]), float(facts["max"])),
+            group=str(facts.get("group", "")),
+            provenance=str(facts.get("provenance", "")),
+        )
+
 
 class Detector(Protocol):
     """Finds faces in an uploaded photo."""
