@@ -163,7 +163,8 @@ def _weights_path(context: PluginContext) -> Path | None:
     if explicit:
         return Path(explicit).expanduser()
     try:
-        from fluidsrv.weights_manager import WeightsError, WeightsManager
+        from fluidsrv.manifest import WeightsError
+        from fluidsrv.weights_manager import WeightsManager
 
         return WeightsManager.from_context(context).path_for(WEIGHTS_NAME)
     except (WeightsError, OSError):

@@ -9,7 +9,7 @@ the fingerprint of the generator it was trained with and it differs from the gen
 logged (same shapes, other weights: the codes will be poor until PTI corrects them).
 
 ``untrained=true`` builds a randomly initialised encoder for whatever generator is given (of the architecture named
-by the ``architecture`` option, default ``tiny``; see ``fluidsrv.training.encoder.ARCHITECTURES``), so the real code
+by the ``architecture`` option, default ``tiny``; see ``fluidsrv.encoder_arch.ARCHITECTURES``), so the real code
 path can be developed, tested and timed before any encoder is trained.
 """
 
@@ -25,18 +25,19 @@ from typing import Any
 import torch
 
 from fluidsrv import hookimpl
-from fluidsrv.models.e4e import E4EConfig, Encoder4Editing
-from fluidsrv.models.stylegan2 import Generator
-from fluidsrv.stages import Encoder, Latents, PluginContext, PluginFactory, Progress, StepJob
-from fluidsrv.training.encoder import (
+from fluidsrv.encoder_arch import (
     ARCHITECTURES,
     FINGERPRINT_KEY,
     encoder_config,
     generator_fingerprint,
     resize_for_encoder,
 )
+from fluidsrv.manifest import WeightsError
+from fluidsrv.models.e4e import E4EConfig, Encoder4Editing
+from fluidsrv.models.stylegan2 import Generator
+from fluidsrv.stages import Encoder, Latents, PluginContext, PluginFactory, Progress, StepJob
 from fluidsrv.weights import CheckpointError, load_encoder, read_metadata
-from fluidsrv.weights_manager import WeightsError, WeightsManager
+from fluidsrv.weights_manager import WeightsManager
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,9 @@ from fluidsrv_plugins._faces import check_rgb_image
 from fluidsrv_plugins.inpaint_opencv import check_mask, paste_fill, shrink_for_fill
 
 from fluidsrv import hookimpl
+from fluidsrv.manifest import WeightsError
 from fluidsrv.stages import Inpainter, PluginContext, PluginFactory
-from fluidsrv.weights_manager import WeightsError, WeightsManager
+from fluidsrv.weights_manager import WeightsManager
 
 WEIGHTS_NAME = "big-lama"
 PAD_MULTIPLE = 8

@@ -30,10 +30,11 @@ import torch.nn.functional as F
 from fluidsrv_plugins._faces import check_rgb_image
 
 from fluidsrv import hookimpl
+from fluidsrv.manifest import WeightsError
 from fluidsrv.models.bisenet import CELEBAMASK_HQ_LABELS, INPUT_SIZE, N_CLASSES, BiSeNet, normalize
 from fluidsrv.stages import PluginContext, PluginFactory, Segmenter
 from fluidsrv.weights import CheckpointError, check_state_dict
-from fluidsrv.weights_manager import WeightsError, WeightsManager
+from fluidsrv.weights_manager import WeightsManager
 
 WEIGHTS_NAME = "bisenet-faceparsing"
 

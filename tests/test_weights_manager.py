@@ -16,14 +16,8 @@ from typing import Any
 import pytest
 
 from fluidsrv.cli import main
-from fluidsrv.weights_manager import (
-    PART_SUFFIX,
-    Kind,
-    Status,
-    WeightsError,
-    WeightsManager,
-    load_manifest,
-)
+from fluidsrv.manifest import Kind, WeightsError, load_manifest
+from fluidsrv.weights_manager import PART_SUFFIX, Status, WeightsManager
 
 PAYLOAD = random.Random(20240601).randbytes(300_000)
 PAYLOAD_SHA256 = hashlib.sha256(PAYLOAD).hexdigest()

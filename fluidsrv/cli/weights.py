@@ -9,15 +9,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from fluidsrv.cli import CliError
-from fluidsrv.weights_manager import (
-    EntryStatus,
-    Kind,
-    ProgressBar,
-    Status,
-    WeightsError,
-    WeightsManager,
-    human_size,
-)
+from fluidsrv.manifest import Kind, WeightsError
+from fluidsrv.progress_bar import ProgressBar, human_size
+from fluidsrv.weights_manager import EntryStatus, Status, WeightsManager
 
 T = TypeVar("T")
 
