@@ -29,7 +29,6 @@ only ever reads the ``train`` split (ids < 44,000): the held-out faces stay unse
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import os
@@ -41,9 +40,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fluidsrv.encoder_arch import ARCHITECTURES as ARCHITECTURES
+from fluidsrv.encoder_arch import FINGERPRINT_KEY as FINGERPRINT_KEY
+from fluidsrv.encoder_arch import EncoderArchitecture as EncoderArchitecture
+from fluidsrv.encoder_arch import encoder_config as encoder_config
+from fluidsrv.encoder_arch import generator_fingerprint as generator_fingerprint
+from fluidsrv.encoder_arch import resize_for_encoder as resize_for_encoder
 from fluidsrv.latents import mix_styles
-from fluidsrv.models.e4e import E4EConfig, Encoder4Editing
-from fluidsrv.models.stylegan2 import Generator, GeneratorConfig
+from fluidsrv.models.e4e import Encoder4Editing
+from fluidsrv.models.stylegan2 import Generator
 from fluidsrv.perceptual import ImageDistance, inversion_distance
 from fluidsrv.training import checkpoints
 from fluidsrv.training.checkpoints import CHECKPOINT_BUDGET_BYTES as CHECKPOINT_BUDGET_BYTES
@@ -59,58 +64,11 @@ ENCODER_EXPORT = "encoder.safetensors"
 LOG_FILE = "log.jsonl"
 LOGGED_METRICS = ("loss", "pixel", "latent", "sec_per_step")  # on the console
 SHIPPED_ENCODER_BUDGET_BYTES = 40 * 10**6  # weights/encoder-128.safetensors in fp16
-FINGERPRINT_KEY = "generator_fingerprint"
-MIN_INPUT_SIZE = 32  # the coarse map (input / 16) must be at least 2×2 for the style blocks
-MAX_INPUT_SIZE = 256  # e4e's input size; larger generators see their image downsampled
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Architectures and configs
 # ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class EncoderArchitecture:
-    """The backbone and style-block widths of an encoder; the generator fixes num_ws, w_dim and the input size."""
-
-    stage_blocks: tuple[int, int, int, int]  # IR-SE units per stage
-    stage_widths: tuple[int, int, int, int]  # channels per stage (the last is the pyramid width)
-    style_channels: int  # conv width inside each per-layer style block
-    se_reduction: int = 16  # squeeze-excitation reduction (stage widths must be ≥ it)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "stage_blocks", tuple(int(n) for n in self.stage_blocks))
-        object.__setattr__(self, "stage_widths", tuple(int(n) for n in self.stage_widths))
-        widths = self.stage_widths
-        if any(widths[i] == widths[i + 1] for i in range(len(widths) - 1)):
-            # stages are found where the width changes when an e4e-layout state dict is read back
-            raise ValueError(f"consecutive stage widths must differ, got {widths}")
-
-
-ARCHITECTURES: dict[str, EncoderArchitecture] = {
-    # 6.5M parameters (13 MB in fp16), 32 ms a face on one CPU thread at 128²: the shipped encoder
-    "encoder-128": EncoderArchitecture((1, 2, 3, 1), (16, 32, 96, 192), style_channels=96),
-    # 3.0M parameters, 31 ms a face, ~2× faster to train: the CPU fallback
-    "cpu-128": EncoderArchitecture((1, 2, 3, 1), (16, 32, 64, 128), style_channels=64),
-    # for tests and smoke runs
-    "tiny": EncoderArchitecture((1, 1, 1, 1), (8, 12, 16, 24), style_channels=8, se_reduction=4),
-}
-
-
-def encoder_config(architecture: EncoderArchitecture, generator: GeneratorConfig) -> E4EConfig:
-    """Return the :class:`E4EConfig` of ``architecture`` for a generator (its num_ws, w_dim and resolution)."""
-    num_ws = generator.num_ws
-    return E4EConfig(
-        num_ws=num_ws,
-        w_dim=generator.w_dim,
-        input_size=max(MIN_INPUT_SIZE, min(generator.resolution, MAX_INPUT_SIZE)),
-        stage_blocks=architecture.stage_blocks,
-        stage_widths=architecture.stage_widths,
-        style_channels=architecture.style_channels,
-        se_reduction=architecture.se_reduction,
-        coarse_end=min(3, num_ws),  # e4e's split: 4²–8² styles read the coarse map, 16²–32² the middle one
-        middle_end=min(7, num_ws),
-    )
 
 
 @dataclass(frozen=True)
@@ -211,15 +169,6 @@ def get_train_config(name: str) -> EncoderTrainConfig:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def generator_fingerprint(generator: Generator) -> str:
-    """A short hash of a generator's parameters rounded to fp16 (equal for an fp32 model and its fp16 file)."""
-    digest = hashlib.sha256(json.dumps(generator.config.to_dict(), sort_keys=True).encode())
-    for name, parameter in generator.named_parameters():
-        digest.update(name.encode())
-        digest.update(parameter.detach().to("cpu", torch.float16).contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 class LatentDiscriminator(nn.Module):
     """e4e's latent-code discriminator: an MLP scoring single w vectors [N, w_dim] -> logits [N, 1]."""
 
@@ -236,13 +185,6 @@ class LatentDiscriminator(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         """Score codes [N, w_dim]; real (mapped) w's should get high logits."""
         return self.net(w)  # [N, 1]
-
-
-def resize_for_encoder(images: torch.Tensor, input_size: int) -> torch.Tensor:
-    """Resize images [N, 3, R, R] to the encoder's input side (antialiased bilinear) when they differ."""
-    if images.shape[-1] == input_size:
-        return images
-    return F.interpolate(images, size=(input_size, input_size), mode="bilinear", antialias=True, align_corners=False)
 
 
 @dataclass
