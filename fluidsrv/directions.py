@@ -1,4 +1,4 @@
-"""Edit-direction maths shared by the direction plugins, plus saving / loading directions.
+"""Edit-direction maths shared by the direction plugins and the direction fitting.
 
 * **SeFa** (closed-form factorisation, Shen & Zhou 2021): the directions that the style modulations of the
   chosen synthesis layers amplify most are the top eigenvectors of ``Σ_l A_lᵀ A_l`` over their modulation
@@ -11,30 +11,21 @@
 
 Conv layer ``j`` of the generator (``conv1``, ``convs.0``, ``convs.1``, ...) is driven by ``ws[:, j]``, so a
 SeFa layer range is a ws layer range. Directions are unit vectors in W; :func:`fluidsrv.latents.apply_sliders`
-scales them by the spread of ``w``.
+scales them by the spread of ``w``. Direction files are :mod:`fluidsrv.direction_files`; fitting attribute
+directions on rendered faces is :mod:`fluidsrv.training.attribute_directions`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-
-from fluidsrv.latents import parse_layers
-from fluidsrv.stages import Direction, Progress, Scorer, StepJob
 
 if TYPE_CHECKING:
     from fluidsrv.models.stylegan2 import Generator
 
-DIRECTIONS_FORMAT = "fluidsrv-directions"
 MORE_SLIDERS = "More sliders"
 """UI group of the generator's unnamed directions (SeFa, GANSpace), listed after the named sliders."""
 
@@ -186,231 +177,3 @@ def conditional_orthogonalize(primary: torch.Tensor, conditions: torch.Tensor | 
     if remainder.norm() < 1e-6 * vector.norm():
         raise ValueError("the primary direction lies in the span of the conditions: nothing is left")
     return (remainder / remainder.norm()).float()
-
-
-# ---------------------------------------------------------------------------------------------- persistence
-
-_fingerprints: weakref.WeakKeyDictionary[torch.nn.Module, str] = weakref.WeakKeyDictionary()
-
-
-def generator_fingerprint(generator: Generator) -> str:
-    """sha256 (hex) of the generator's state dict: names, shapes, dtypes and bytes; remembered per object.
-
-    Weights changed in place after the first call are not noticed (fine-tuning works on copies).
-    """
-    known = _fingerprints.get(generator)
-    if known is not None:
-        return known
-    digest = hashlib.sha256()
-    for name, tensor in sorted(generator.state_dict().items()):
-        data = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tuple(data.shape)}:{data.dtype};".encode())
-        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
-    fingerprint = digest.hexdigest()
-    _fingerprints[generator] = fingerprint
-    return fingerprint
-
-
-def save_directions(path: str | Path, directions: Sequence[Direction], metadata: dict[str, str] | None = None) -> None:
-    """Write ``directions`` as safetensors (vectors as tensors, the rest as JSON metadata)."""
-    names = [d.name for d in directions]
-    assert len(set(names)) == len(names), f"direction names must be unique: {names}"
-    described = [
-        {
-            "name": d.name,
-            "label": d.label,
-            "layers": list(d.layers) if d.layers is not None else None,
-            "slider_range": list(d.slider_range),
-            "group": d.group,
-            "provenance": d.provenance,
-        }
-        for d in directions
-    ]
-    tensors = {f"direction.{index}": d.vector.detach().float().cpu().contiguous() for index, d in enumerate(directions)}
-    extra = dict(metadata or {})
-    extra.update(format=DIRECTIONS_FORMAT, directions=json.dumps(described))
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=extra)
-
-
-def load_directions(path: str | Path) -> tuple[list[Direction], dict[str, str]]:
-    """Read directions written by :func:`save_directions`; returns them with the file's metadata."""
-    with safe_open(str(path), framework="pt", device="cpu") as handle:
-        metadata = dict(handle.metadata() or {})
-        if metadata.get("format") != DIRECTIONS_FORMAT:
-            raise ValueError(f"{path}: not a {DIRECTIONS_FORMAT} file")
-        described: list[dict[str, Any]] = json.loads(metadata["directions"])
-        directions = [
-            Direction(
-                name=item["name"],
-                label=item["label"],
-                vector=handle.get_tensor(f"direction.{index}"),
-                layers=tuple(item["layers"]) if item["layers"] is not None else None,
-                slider_range=tuple(item["slider_range"]),
-                group=item["group"],
-                provenance=item["provenance"],
-            )
-            for index, item in enumerate(described)
-        ]
-    return directions, metadata
-
-
-# ---------------------------------------------------------------------------------------------- plugin options
-
-
-class DirectionsUnavailableError(RuntimeError):
-    """A direction source cannot offer directions for this generator yet; the message says why and what to do."""
-
-
-def option_int(options: Any, key: str, default: int, minimum: int = 1) -> int:
-    """Read an integer plugin option (strings from the CLI or settings are converted); ValueError when invalid."""
-    raw = options.get(key, default)
-    try:
-        value = int(raw)
-    except (TypeError, ValueError):
-        raise ValueError(f"option {key!r} must be an integer, got {raw!r}") from None
-    if value < minimum:
-        raise ValueError(f"option {key!r} must be >= {minimum}, got {value}")
-    return value
-
-
-def option_layer_ranges(options: Any, num_ws: int, default: str) -> list[tuple[str, tuple[int, int]]]:
-    """Read the ``layers`` option: comma-separated ranges (``coarse``, ``middle``, ``fine``, ``all``, ``a:b``).
-
-    Returns (label, [start, stop)) pairs; ``all`` is every layer.
-    """
-    spec = str(options.get("layers", default))
-    ranges = []
-    for part in (piece.strip() for piece in spec.split(",")):
-        if not part:
-            continue
-        ranges.append((part, (0, num_ws) if part == "all" else parse_layers(part, num_ws)))
-    if not ranges:
-        raise ValueError(f"option 'layers' names no layer range: {spec!r}")
-    return ranges
-
-
-# ---------------------------------------------------------------------------------------------- attribute fitting
-
-ATTRIBUTE_SLIDER_RANGE = (-3.0, 3.0)  # in standard deviations of w along the direction (see fluidsrv.latents)
-ATTRIBUTE_LABELS = {"age": "Age", "gender": "Gender (→ male)"}
-
-
-def attribute_cache_path(cache_dir: Path, generator: Generator, scorer_name: str) -> Path:
-    """Where the attribute directions of ``generator`` scored by ``scorer_name`` are cached."""
-    safe_scorer = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in scorer_name)
-    return (
-        Path(cache_dir) / "directions" / f"attributes-{generator_fingerprint(generator)[:16]}-{safe_scorer}.safetensors"
-    )
-
-
-def named_cache_path(cache_dir: Path, generator: Generator) -> Path:
-    """Where ``fluidsrv directions compute --source named`` writes this generator's named sliders."""
-    return Path(cache_dir) / "directions" / f"named-{generator_fingerprint(generator)[:16]}.safetensors"
-
-
-@torch.no_grad()
-def sample_and_score(
-    generator: Generator,
-    scorer: Scorer,
-    *,
-    samples: int,
-    batch_size: int = 16,
-    seed: int = 0,
-    truncation: float = 0.8,
-) -> StepJob[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-    """Step-wise: sample ``samples`` w's (truncated toward w_avg), render and score them; returns (w, scores).
-
-    ``w`` is [samples, w_dim] (the truncated codes that were rendered); scores are [samples] per attribute.
-    """
-    device = next(generator.parameters()).device
-    rng = torch.Generator(device=device).manual_seed(seed)
-    codes: list[torch.Tensor] = []
-    scores: dict[str, list[torch.Tensor]] = {}
-    total = (samples + batch_size - 1) // batch_size
-    for step, start in enumerate(range(0, samples, batch_size)):
-        z = torch.randn(min(batch_size, samples - start), generator.w_dim, generator=rng, device=device)  # [B, D]
-        ws = generator.mapping(z, truncation_psi=truncation)  # [B, num_ws, w_dim]
-        images = generator.synthesis(ws).clamp(-1, 1)  # [B, 3, H, W]
-        for name, values in scorer.score(images).items():
-            scores.setdefault(name, []).append(values.detach().float().cpu())
-        codes.append(ws[:, 0].float().cpu())
-        yield Progress("attributes", step + 1, total, f"rendered and scored {start + len(z)} of {samples} faces")
-    return torch.cat(codes), {name: torch.cat(values) for name, values in scores.items()}
-
-
-def fit_attribute_directions(
-    w: torch.Tensor,
-    scores: dict[str, torch.Tensor],
-    *,
-    fraction: float = 0.3,
-    orthogonalize: bool = True,
-    provenance: str = "",
-) -> list[Direction]:
-    """Linear-boundary and cluster-means directions per attribute, each made orthogonal to the others' if asked.
-
-    For every attribute the lowest and highest ``fraction`` of ``scores`` are the two classes; the boundary
-    normal and the mean difference both point toward high scores (older, more male).
-    """
-    assert w.ndim == 2 and all(s.shape == (w.shape[0],) for s in scores.values()), "one score per sample"
-    raw: dict[str, dict[str, torch.Tensor]] = {"boundary": {}, "means": {}}
-    for name, values in scores.items():
-        low, high = split_extremes(values, fraction)
-        chosen = torch.cat([low, high])
-        labels = torch.cat([torch.zeros(len(low)), torch.ones(len(high))])
-        raw["boundary"][name] = logistic_boundary(w[chosen], labels)
-        raw["means"][name] = mean_difference(w, values, fraction)
-    directions = []
-    for method, found in raw.items():
-        for name, vector in found.items():
-            others = [other for key, other in found.items() if key != name]
-            conditioned = orthogonalize and bool(others)
-            final = conditional_orthogonalize(vector, others) if conditioned else vector
-            suffix = f", orthogonal to {', '.join(key for key in found if key != name)}" if conditioned else ""
-            kind = "logistic-regression boundary normal" if method == "boundary" else "difference of cluster means"
-            label = ATTRIBUTE_LABELS.get(name, name.replace("_", " ").capitalize())
-            directions.append(
-                Direction(
-                    name=f"attr:{name}" if method == "boundary" else f"attr-means:{name}",
-                    label=label if method == "boundary" else f"{label} (means)",
-                    vector=final.reshape(1, -1),  # [1, w_dim]
-                    layers=None,
-                    slider_range=ATTRIBUTE_SLIDER_RANGE,
-                    group="Attributes" if method == "boundary" else "Attributes (cluster means)",
-                    provenance=f"{kind} of the top/bottom {fraction:.0%} of {w.shape[0]} samples by {name}{suffix}"
-                    + (f"; {provenance}" if provenance else ""),
-                )
-            )
-    return directions
-
-
-def compute_attribute_directions(
-    generator: Generator,
-    scorer: Scorer,
-    scorer_name: str,
-    cache_dir: Path,
-    *,
-    samples: int = 2_000,
-    batch_size: int = 16,
-    seed: int = 0,
-    truncation: float = 0.8,
-    fraction: float = 0.3,
-) -> StepJob[list[Direction]]:
-    """Step-wise: sample, render, score, fit and cache the attribute directions of ``generator``; returns them."""
-    w, scores = yield from sample_and_score(
-        generator, scorer, samples=samples, batch_size=batch_size, seed=seed, truncation=truncation
-    )
-    source = f"scorer {scorer_name}, seed {seed}, truncation {truncation}"
-    directions = fit_attribute_directions(w, scores, fraction=fraction, provenance=source)
-    metadata = {
-        "generator_sha256": generator_fingerprint(generator),
-        "scorer": scorer_name,
-        "samples": str(samples),
-        "seed": str(seed),
-        "truncation": str(truncation),
-        "fraction": str(fraction),
-        "score_means": json.dumps({name: float(values.mean()) for name, values in scores.items()}),
-        "score_stds": json.dumps({name: float(values.std()) for name, values in scores.items()}),
-    }
-    save_directions(attribute_cache_path(cache_dir, generator, scorer_name), directions, metadata)
-    return directions

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from fluidsrv import latents
-from fluidsrv.directions import DirectionsUnavailableError
+from fluidsrv.direction_files import DirectionsUnavailableError
 from fluidsrv.models.stylegan2 import Generator, GeneratorConfig
 from fluidsrv.plugins import PluginError, StageCatalog, build_plugin_manager
 from fluidsrv.sessions import Session

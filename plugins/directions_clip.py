@@ -26,7 +26,9 @@ import torch
 from torch.nn import functional as F
 
 from fluidsrv import hookimpl
-from fluidsrv.directions import generator_fingerprint, option_int, pca, sample_w
+from fluidsrv.directions import pca, sample_w
+from fluidsrv.fingerprint import generator_sha256
+from fluidsrv.plugin_options import option_int
 from fluidsrv.stages import Direction, DirectionSource, PluginContext, PluginFactory
 
 if TYPE_CHECKING:
@@ -107,7 +109,7 @@ class ClipTextDirections:
     @torch.no_grad()
     def table(self, generator: Generator) -> GlobalDirectionTable:
         """ΔI per principal direction of ``generator``'s W (computed once per generator, then remembered)."""
-        key = generator_fingerprint(generator)
+        key = generator_sha256(generator)
         with self._lock:
             if key in self._tables:
                 return self._tables[key]

@@ -6,7 +6,7 @@ Formats (all loaded with ``torch.load(weights_only=True)`` or safetensors, never
   e.g. ``interfacegan_age.pt``; the slider is named after the file (``age``);
 * GANSpace PCA: ``{"mean": [1, w_dim], "comp": [K, 1, w_dim], "std": [K]}`` (``ganspace_ffhq_pca.pt``); the first
   ``k`` components become sliders on every layer;
-* our ``fluidsrv-directions`` safetensors (:func:`fluidsrv.directions.save_directions`).
+* our ``fluidsrv-directions`` safetensors (:func:`fluidsrv.direction_files.save_directions`).
 
 Options: ``path`` = a file or a folder of them (default ``<cache>/directions/files``); ``k`` = GANSpace components
 per PCA file (default 10). Files that do not fit the generator (other w_dim or num_ws) are skipped with a warning.
@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fluidsrv import hookimpl
-from fluidsrv.directions import DirectionsUnavailableError, load_directions, option_int
+from fluidsrv.direction_files import DirectionsUnavailableError, load_directions
+from fluidsrv.plugin_options import option_int
 from fluidsrv.stages import Direction, DirectionSource, PluginContext, PluginFactory
 
 if TYPE_CHECKING:

@@ -11,15 +11,9 @@ import threading
 from typing import TYPE_CHECKING
 
 from fluidsrv import hookimpl
-from fluidsrv.directions import (
-    MORE_SLIDERS,
-    Factorization,
-    generator_fingerprint,
-    option_int,
-    option_layer_ranges,
-    pca,
-    sample_w,
-)
+from fluidsrv.directions import MORE_SLIDERS, Factorization, pca, sample_w
+from fluidsrv.fingerprint import generator_sha256
+from fluidsrv.plugin_options import option_int, option_layer_ranges
 from fluidsrv.stages import Direction, DirectionSource, PluginContext, PluginFactory
 
 if TYPE_CHECKING:
@@ -42,7 +36,7 @@ class GanSpaceSource:
 
     def components(self, generator: Generator) -> Factorization:
         """The principal components [k, w_dim] and their std [k] of ``generator``'s W (computed once)."""
-        key = generator_fingerprint(generator)
+        key = generator_sha256(generator)
         with self._lock:
             if key not in self._computed:
                 _, found = pca(sample_w(generator, self.samples, self.seed), min(self.k, generator.w_dim))

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fluidsrv import hookimpl
-from fluidsrv.directions import DirectionsUnavailableError, generator_fingerprint, load_directions, named_cache_path
+from fluidsrv.direction_files import DirectionsUnavailableError, load_directions, named_cache_path
+from fluidsrv.fingerprint import generator_sha256
 from fluidsrv.stages import Direction, DirectionSource, PluginContext, PluginFactory
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ class NamedDirections:
 
     def directions(self, generator: Generator) -> list[Direction]:
         """Return the generator's named sliders; DirectionsUnavailableError says what to run when none exist."""
-        fingerprint = generator_fingerprint(generator)
+        fingerprint = generator_sha256(generator)
         for path in candidate_files(self.context, generator):
             if not path.is_file():
                 continue

@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from fluidsrv import hookimpl
-from fluidsrv.directions import MORE_SLIDERS, option_int, option_layer_ranges, sefa
+from fluidsrv.directions import MORE_SLIDERS, sefa
+from fluidsrv.plugin_options import option_int, option_layer_ranges
 from fluidsrv.stages import Direction, DirectionSource, PluginContext, PluginFactory
 
 if TYPE_CHECKING:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -11,28 +12,26 @@ from typing import Any
 import pluggy
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from fluidsrv import hookspecs
+from fluidsrv.direction_files import DirectionsUnavailableError, attribute_cache_path, load_directions, save_directions
 from fluidsrv.directions import (
-    DirectionsUnavailableError,
-    attribute_cache_path,
-    compute_attribute_directions,
     conditional_orthogonalize,
-    fit_attribute_directions,
-    generator_fingerprint,
-    load_directions,
     logistic_boundary,
     mean_difference,
     modulation_weights,
     pca,
-    save_directions,
     sefa,
 )
+from fluidsrv.fingerprint import generator_sha256
 from fluidsrv.latents import apply_sliders
 from fluidsrv.models.stylegan2 import Generator
 from fluidsrv.plugins import StageCatalog
 from fluidsrv.settings import EMBEDDED_WEIGHTS_DIR
 from fluidsrv.stages import Direction, PluginContext, PluginFactory
+from fluidsrv.training.attribute_directions import compute_attribute_directions, fit_attribute_directions
 from tests.model_support import drain, tiny_generator
 
 MY_PLUGINS = (
@@ -192,9 +191,32 @@ def test_directions_round_trip(tmp_path: Path) -> None:
         assert torch.equal(after.vector, before.vector)
 
 
+def test_files_in_the_older_slider_range_form_still_load(tmp_path: Path) -> None:
+    older = [
+        {"name": "a", "label": "A", "layers": [2, 5], "slider_range": [-2.0, 4.0], "group": "G", "provenance": "p"}
+    ]
+    vector = torch.randn(1, 16)
+    path = tmp_path / "old.safetensors"
+    save_file(
+        {"direction.0": vector}, str(path), metadata={"format": "fluidsrv-directions", "directions": json.dumps(older)}
+    )
+    (loaded,), _ = load_directions(path)
+    assert (loaded.name, loaded.label, loaded.layers, loaded.slider_range, loaded.group, loaded.provenance) == (
+        "a", "A", (2, 5), (-2.0, 4.0), "G", "p",
+    )  # fmt: skip
+    assert torch.equal(loaded.vector, vector)
+
+
+def test_new_files_use_the_description_form(tmp_path: Path) -> None:
+    direction = Direction("a", "A", torch.randn(1, 16), slider_range=(-1.0, 2.0))
+    save_directions(tmp_path / "d.safetensors", [direction])
+    with safe_open(str(tmp_path / "d.safetensors"), framework="pt") as handle:
+        assert json.loads((handle.metadata() or {})["directions"]) == [direction.describe()]
+
+
 def test_fingerprint_follows_the_weights() -> None:
     first, same, other = tiny_generator(seed=0), tiny_generator(seed=0), tiny_generator(seed=1)
-    assert generator_fingerprint(first) == generator_fingerprint(same) != generator_fingerprint(other)
+    assert generator_sha256(first) == generator_sha256(same) != generator_sha256(other)
 
 
 # ---------------------------------------------------------------------------------------------- plugins

@@ -9,9 +9,10 @@ import pytest
 import torch
 from fluidsrv_plugins.directions_named import NamedDirections
 
-from fluidsrv.directions import DirectionsUnavailableError, named_cache_path, save_directions
+from fluidsrv.direction_files import DirectionsUnavailableError, named_cache_path, save_directions
 from fluidsrv.models.stylegan2 import Generator
 from fluidsrv.runtime import Runtime
+from fluidsrv.settings import EMBEDDED_WEIGHTS_DIR
 from fluidsrv.stages import PluginContext
 from fluidsrv.training.named_directions import (
     MAX_STRENGTH,
@@ -23,6 +24,7 @@ from fluidsrv.training.named_directions import (
     fit_named_directions,
     layer_candidates,
 )
+from fluidsrv.weights import load_generator
 from tests.model_support import TINY_GENERATOR, drain, generator_with_w_avg
 from tests.server_support import small_settings
 
@@ -94,3 +96,15 @@ def test_a_generator_without_named_sliders_serves_the_others_and_says_why(tmp_pa
     assert runtime.direction_sources == ["sefa"]
     assert "fluidsrv directions compute --source named" in runtime.direction_status()["named"]
     assert all(direction.group == "More sliders" for direction in runtime.directions.values())
+
+
+SHIPPED_DIRECTIONS = EMBEDDED_WEIGHTS_DIR / "directions-128.safetensors"
+SHIPPED_GENERATOR = EMBEDDED_WEIGHTS_DIR / "generator-128.safetensors"
+
+
+@pytest.mark.skipif(not (SHIPPED_DIRECTIONS.is_file() and SHIPPED_GENERATOR.is_file()), reason="no shipped weights")
+def test_the_shipped_named_sliders_load_for_the_shipped_generator(tmp_path: Path) -> None:
+    generator, _ = load_generator(SHIPPED_GENERATOR)
+    context = PluginContext(torch.device("cpu"), EMBEDDED_WEIGHTS_DIR, tmp_path / "cache")
+    names = [direction.name for direction in NamedDirections(context).directions(generator)]
+    assert names[:3] == ["age", "gender", "smile"]

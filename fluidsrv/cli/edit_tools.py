@@ -310,7 +310,7 @@ def create_plugin(hook: str, name: str, context: Any) -> Any:
 def run_directions_list(args: argparse.Namespace) -> int:
     """Print the directions of a source for the generator."""
     from fluidsrv.cli.faces import parse_options
-    from fluidsrv.directions import DirectionsUnavailableError
+    from fluidsrv.direction_files import DirectionsUnavailableError
 
     generator = load_cli_generator(args.generator, args.device)
     context = _plugin_context(args, parse_options(args.option))
@@ -327,7 +327,8 @@ def run_directions_list(args: argparse.Namespace) -> int:
 
 def run_directions_compute(args: argparse.Namespace) -> int:
     """Fit the attribute directions of the generator and cache them."""
-    from fluidsrv.directions import attribute_cache_path, compute_attribute_directions
+    from fluidsrv.direction_files import attribute_cache_path
+    from fluidsrv.training.attribute_directions import compute_attribute_directions
 
     if args.samples < 10 or not 0 < args.fraction <= 0.5:
         raise CliError("--samples must be >= 10 and --fraction in (0, 0.5]")
@@ -367,7 +368,7 @@ def drain(job: Any) -> Any:
 
 def compute_named(args: argparse.Namespace, generator: Generator, context: Any) -> int:
     """Fit the named sliders of the generator with the classifier and geometry scorers; write them."""
-    from fluidsrv.directions import named_cache_path, save_directions
+    from fluidsrv.direction_files import named_cache_path, save_directions
     from fluidsrv.training.named_directions import FitConfig, fit_named_directions
 
     scorers = [create_plugin("fluidsrv_scorers", name, context) for name in ("classifier", "geometry")]

@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from fluidsrv import latents
-from fluidsrv.directions import conditional_orthogonalize, generator_fingerprint, mean_difference
+from fluidsrv.directions import conditional_orthogonalize, mean_difference
+from fluidsrv.fingerprint import generator_sha256
 from fluidsrv.stages import Direction, Progress, Scorer, StepJob
 
 if TYPE_CHECKING:
@@ -336,7 +337,7 @@ def fit_named_directions(
     metadata = {
         "kind": "named",
         "version": NAMED_FORMAT_VERSION,
-        "generator_sha256": generator_fingerprint(generator),
+        "generator_sha256": generator_sha256(generator),
         "samples": str(len(w)),
         "seed": str(config.seed),
         "truncation": str(config.truncation),
