@@ -1,4 +1,4 @@
-"""FFHQ face alignment and its exact inverse: the crop quad, inner/outer crops, paste-back.
+"""FFHQ face alignment: the crop quad, the crop transforms and the inner / outer crops of a face.
 
 Coordinates follow OpenCV's pixel-centre convention: the pixel in column ``i``, row ``j`` has its
 centre at ``(x, y) = (i, j)``, so an image ``W`` pixels wide spans ``x`` in ``[-0.5, W - 0.5]``.
@@ -8,8 +8,9 @@ are the crop's outer corners: exactly what the NVlabs ffhq-dataset script does w
 ``quad + 0.5`` to PIL's QUAD transform.
 
 Transforms are 3×3 matrices acting on homogeneous column vectors ``(x, y, 1)``. Every crop is made
-by one resampling of the original photo (low-passed first when it shrinks), and pasting back uses the
-exact inverse matrix, touching only the pixels inside the pasted region's bounding box.
+by one resampling of the original photo (low-passed first when it shrinks, :mod:`fluidsrv.resample`), and
+pasting back (:mod:`fluidsrv.paste`) uses the exact inverse matrix, touching only the pixels inside the
+pasted region's bounding box.
 """
 
 from __future__ import annotations
@@ -22,13 +23,15 @@ from typing import TYPE_CHECKING, Any, Literal
 import cv2
 import numpy as np
 
+from fluidsrv.paste import DEFAULT_FEATHER, paste_back
+from fluidsrv.resample import MIN_BLUR_SIGMA, box_corners, check_rgb_image, is_affine, map_points, resample, translation
+
 if TYPE_CHECKING:
     from fluidsrv.stages import Face
 
 CropName = Literal["inner", "outer"]
 
 DEFAULT_OUTER_FACTOR = 1.5  # outer crop side / inner crop side (same centre, same pixel scale)
-DEFAULT_FEATHER = 0.05  # paste-back feather width as a fraction of the crop side
 
 # Constants of the NVlabs ffhq-dataset recipe (all relative to the inner quad's side, "qsize").
 _EYE_TO_EYE_SCALE = 2.0
@@ -38,7 +41,6 @@ _BORDER_FRACTION = 0.1
 _MIN_PAD_FRACTION = 0.3
 _BLUR_FRACTION = 0.02
 _PAD_TRIGGER_SLACK = 4  # pixels: FFHQ pads once the quad comes this close to an image edge
-_MIN_BLUR_SIGMA = 0.3  # below this a Gaussian blur is a no-op at 8-bit precision
 
 _SERIAL_FORMAT = "fluidsrv.alignment/1"
 
@@ -102,26 +104,9 @@ def _perpendicular(vector: np.ndarray) -> np.ndarray:
 # Transforms
 
 
-def map_points(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """Apply a 3×3 projective ``matrix`` to ``points`` [..., 2] and return [..., 2] float64."""
-    matrix = np.asarray(matrix, dtype=np.float64)
-    assert matrix.shape == (3, 3), matrix.shape
-    xy = np.asarray(points, dtype=np.float64)
-    assert xy.shape[-1] == 2, xy.shape
-    mapped = xy @ matrix[:2, :2].T + matrix[:2, 2]  # [..., 2]
-    denominator = xy @ matrix[2, :2] + matrix[2, 2]  # [...]
-    return mapped / denominator[..., None]
-
-
 def crop_corners(size: int) -> np.ndarray:
     """Return the outer corners [4, 2] of a ``size``-pixel crop, in quad order (TL, BL, BR, TR)."""
-    return _box_corners(size, size)
-
-
-def _box_corners(width: int, height: int) -> np.ndarray:
-    """The outer corners [4, 2] (TL, BL, BR, TR) of an image ``width`` × ``height`` pixels."""
-    right, bottom = width - 0.5, height - 0.5
-    return np.array([[-0.5, -0.5], [-0.5, bottom], [right, bottom], [right, -0.5]], dtype=np.float64)
+    return box_corners(size, size)
 
 
 @dataclass(frozen=True, eq=False)
@@ -161,7 +146,7 @@ class CropTransform:
     @property
     def is_affine(self) -> bool:
         """Whether the quad is a parallelogram (the FFHQ quad is always a square)."""
-        return _is_affine(self.from_crop)
+        return is_affine(self.from_crop)
 
     @property
     def side(self) -> float:
@@ -245,75 +230,6 @@ def _normalising_similarity(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return map_points(matrix, points), matrix
 
 
-def _is_affine(matrix: np.ndarray) -> bool:
-    return bool(abs(matrix[2, 0]) < 1e-12 and abs(matrix[2, 1]) < 1e-12 and matrix[2, 2] == 1.0)
-
-
-def _translation(dx: float, dy: float) -> np.ndarray:
-    return np.array([[1.0, 0.0, dx], [0.0, 1.0, dy], [0.0, 0.0, 1.0]])
-
-
-# ---------------------------------------------------------------------------------------------
-# Resampling
-
-
-def _resample(
-    source: np.ndarray,
-    target_to_source: np.ndarray,
-    width: int,
-    height: int,
-    *,
-    source_per_target: float,
-    border_mode: int,
-    smooth: bool = True,
-) -> np.ndarray:
-    """Sample ``source`` at ``target_to_source`` of each target pixel centre, in one resampling.
-
-    A bicubic sample (``smooth``) or a bilinear one; when the warp shrinks (a target pixel covers
-    ``source_per_target`` > 1 source pixels) the source is first low-passed with a Gaussian of sigma
-    ``(source_per_target - 1) / 2`` (scikit-image's anti-aliasing rule), which is a filter, not a
-    second resampling. Only the window of ``source`` the samples (and their reflections) reach is used.
-    """
-    sigma = max(0.0, (source_per_target - 1.0) / 2.0)
-    support = 4.0 + 3.0 * sigma  # interpolation taps and the low-pass kernel beyond a sample position
-    (x0, y0), window = _source_window(source, target_to_source, width, height, border_mode, support)
-    if sigma >= _MIN_BLUR_SIGMA:
-        window = cv2.GaussianBlur(window, (0, 0), sigma, borderType=border_mode)
-    matrix = _translation(-x0, -y0) @ target_to_source  # target -> window
-    return _warp(window, matrix, width, height, cv2.INTER_CUBIC if smooth else cv2.INTER_LINEAR, border_mode)
-
-
-def _warp(
-    source: np.ndarray, target_to_source: np.ndarray, width: int, height: int, interpolation: int, border: int
-) -> np.ndarray:
-    flags = interpolation | cv2.WARP_INVERSE_MAP
-    if _is_affine(target_to_source):
-        return cv2.warpAffine(source, target_to_source[:2], (width, height), flags=flags, borderMode=border)
-    return cv2.warpPerspective(source, target_to_source, (width, height), flags=flags, borderMode=border)
-
-
-def _source_window(
-    source: np.ndarray, target_to_source: np.ndarray, width: int, height: int, border_mode: int, support: float
-) -> tuple[tuple[int, int], np.ndarray]:
-    """Return the (x, y) origin in ``source`` and the view of the window every sample of the warp reads.
-
-    With reflect borders the window also covers the mirrored positions, and it always ends on the
-    source's own edge on a side the samples leave, so OpenCV reflects about the photo's true edge.
-    """
-    source_height, source_width = source.shape[:2]
-    corners = map_points(target_to_source, _box_corners(width, height))  # [4, 2]
-    low = corners.min(axis=0) - support  # [2] (x, y)
-    high = corners.max(axis=0) + support  # [2]
-    limits = np.array([source_width - 1, source_height - 1], dtype=np.float64)
-    if border_mode in (cv2.BORDER_REFLECT_101, cv2.BORDER_REFLECT):
-        low, high = np.minimum(low, 2.0 * limits - high), np.maximum(high, -low)
-    start = np.clip(np.floor(low), 0, limits).astype(int)
-    stop = np.clip(np.ceil(high), 0, limits).astype(int) + 1
-    stop = np.maximum(stop, start + 1)
-    window = source[start[1] : stop[1], start[0] : stop[0]]
-    return (int(start[0]), int(start[1])), window
-
-
 # ---------------------------------------------------------------------------------------------
 # Aligned crops
 
@@ -356,7 +272,7 @@ def _apply_fade(
         distance = np.maximum(distance, (x - (width - 1)) / right)
     if bottom is not None:
         distance = np.maximum(distance, (y - (height - 1)) / bottom)
-    if sigma >= _MIN_BLUR_SIGMA:
+    if sigma >= MIN_BLUR_SIGMA:
         blurred = _wide_gaussian_blur(image, sigma)
         blur_weight = np.clip(distance * 3.0 + 1.0, 0.0, 1.0)  # reaches 1/3 of a pad into the photo
         image = cv2.blendLinear(image, blurred, 1.0 - blur_weight, blur_weight)
@@ -378,7 +294,7 @@ def _channel_medians(image: np.ndarray) -> np.ndarray:
 
 def _photo_coordinates_of_grid(grid_to_photo: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
     """Return the photo x and y [rows, cols] float32 of every pixel centre of a grid."""
-    if _is_affine(grid_to_photo):
+    if is_affine(grid_to_photo):
         m = grid_to_photo.astype(np.float32)
         u = np.arange(cols, dtype=np.float32)[None, :]  # [1, cols]
         v = np.arange(rows, dtype=np.float32)[:, None]  # [rows, 1]
@@ -408,15 +324,15 @@ def warp_crop(photo: np.ndarray, transform: CropTransform, *, qsize: float | Non
     and faded to the median colour, as in the FFHQ recipe; ``qsize`` (default: the quad's side) sets
     that recipe's scale and should be the inner quad's side for every crop of one face.
     """
-    _check_image(photo, "photo")
+    check_rgb_image(photo, "photo")
     qsize = transform.side if qsize is None else qsize
     photo_shape = (photo.shape[0], photo.shape[1])
     fade = _ffhq_fade(transform.quad, photo_shape, qsize)
     sigma = 0.0 if fade is None else fade.blur_sigma * transform.scale  # crop px
     margin = 0 if fade is None else math.ceil(4.0 * sigma)  # blur needs context beyond the crop's edge
     grid = transform.size + 2 * margin
-    grid_to_photo = transform.from_crop @ _translation(-margin, -margin)
-    image = _resample(
+    grid_to_photo = transform.from_crop @ translation(-margin, -margin)
+    image = resample(
         photo, grid_to_photo, grid, grid, source_per_target=1.0 / transform.scale, border_mode=cv2.BORDER_REFLECT_101
     )
     if fade is not None:
@@ -480,7 +396,7 @@ class Alignment:
         mask: np.ndarray | None = None,
         feather: float = DEFAULT_FEATHER,
     ) -> np.ndarray:
-        """Return ``photo`` with the edited ``crop`` blended back in (see :func:`paste_back`)."""
+        """Return ``photo`` with the edited ``crop`` blended back in (see :func:`fluidsrv.paste.paste_back`)."""
         if photo.shape[:2] != self.photo_shape:
             raise ValueError(f"photo is {photo.shape[:2]}, the alignment was made on {self.photo_shape}")
         return paste_back(photo, edited, self.transform(crop), mask=mask, feather=feather)
@@ -521,7 +437,7 @@ def align_face(
     The inner crop is ``size`` pixels (the generator's resolution); the outer crop shares its centre
     and pixel scale and is ``outer_crop_size(size, outer_factor)`` pixels (1536 for 1024).
     """
-    _check_image(photo, "photo")
+    check_rgb_image(photo, "photo")
     inner = CropTransform(ffhq_quad(landmarks), size)
     outer = inner.expanded_to(outer_crop_size(size, outer_factor))
     qsize = inner.side
@@ -532,163 +448,3 @@ def align_face(
         inner_image=warp_crop(photo, inner, qsize=qsize),
         outer_image=warp_crop(photo, outer, qsize=qsize),
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# Paste back
-
-
-def blend_mask(size: int, *, feather: float = DEFAULT_FEATHER, mask: np.ndarray | None = None) -> np.ndarray:
-    """Return the paste-back weight [size, size] float32 in [0, 1], in crop coordinates.
-
-    It ramps smoothly from 0 on the crop's outermost pixels to 1 over ``feather * size`` pixels. A caller
-    ``mask`` (bool, uint8 0-255 or float 0-1, any square size: it is resized to ``size``) is softened
-    by a Gaussian of sigma ``feather * size / 4`` and multiplied in.
-    """
-    feather_px = feather * size
-    indices = np.arange(size, dtype=np.float64)
-    from_rim = np.minimum(indices, size - 1 - indices)  # [size] pixels from the outermost row / column
-    if feather_px > 0:
-        ramp = np.clip(from_rim / feather_px, 0.0, 1.0)  # 0 on the rim, so nothing reaches past the quad
-        ramp = ramp * ramp * (3.0 - 2.0 * ramp)  # smoothstep
-    else:
-        ramp = np.ones(size)
-    weight = np.minimum.outer(ramp, ramp).astype(np.float32)  # [size, size]
-    if mask is not None:
-        weight *= _soft_mask(mask, size, sigma=feather_px / 4.0)
-    return weight
-
-
-def _soft_mask(mask: np.ndarray, size: int, sigma: float) -> np.ndarray:
-    values = np.asarray(mask)
-    if values.ndim != 2 or values.shape[0] != values.shape[1]:
-        raise ValueError(f"mask must be square [N, N], got {values.shape}")
-    soft: np.ndarray
-    if values.dtype == np.bool_:
-        soft = values.astype(np.float32)
-    elif values.dtype == np.uint8:
-        soft = values.astype(np.float32) / 255.0
-    else:
-        soft = np.clip(values.astype(np.float32), 0.0, 1.0)
-    if soft.shape[0] != size:
-        soft = cv2.resize(soft, (size, size), interpolation=cv2.INTER_LINEAR)
-    if sigma >= _MIN_BLUR_SIGMA:
-        soft = cv2.GaussianBlur(soft, (0, 0), sigma, borderType=cv2.BORDER_CONSTANT)
-    return np.clip(soft, 0.0, 1.0)
-
-
-def paste_back(
-    photo: np.ndarray,
-    crop: np.ndarray,
-    transform: CropTransform,
-    *,
-    mask: np.ndarray | None = None,
-    feather: float = DEFAULT_FEATHER,
-) -> np.ndarray:
-    """Return a copy of ``photo`` with ``crop`` warped back through ``transform`` and blended in.
-
-    ``crop`` is uint8 RGB [N, N, 3]; N may differ from ``transform.size`` (the same quad is then
-    sampled at N pixels). The weight is :func:`blend_mask` mapped with the exact inverse transform;
-    every photo pixel where it is zero (all of the photo outside the pasted region) is returned
-    byte-identical, and only the region's bounding box is ever resampled.
-    """
-    _check_image(photo, "photo")
-    _check_image(crop, "crop")
-    size = crop.shape[0]
-    if crop.shape[1] != size:
-        raise ValueError(f"crop must be square, got {crop.shape}")
-    if size != transform.size:
-        transform = transform.resized(size)
-    weight = blend_mask(size, feather=feather, mask=mask)  # [N, N]
-    box = _photo_box_of_support(weight, transform, photo.shape[:2])
-    result = photo.copy()
-    if box is None:
-        return result
-    x0, y0, x1, y1 = box
-    box_to_crop = transform.to_crop @ _translation(x0, y0)
-    width, height = x1 - x0, y1 - y0
-    crop_per_photo = transform.scale
-    warped = _resample(
-        crop, box_to_crop, width, height, source_per_target=crop_per_photo, border_mode=cv2.BORDER_REPLICATE
-    )
-    alpha = _resample(
-        weight,
-        box_to_crop,
-        width,
-        height,
-        source_per_target=crop_per_photo,
-        border_mode=cv2.BORDER_CONSTANT,
-        smooth=False,
-    )
-    # alpha [h, w] is a convex combination of weights in [0, 1] (bilinear, Gaussian, zero border).
-    # Where it is 0, blendLinear returns photo / (1 + 1e-5), which rounds back to the same byte.
-    region = photo[y0:y1, x0:x1]  # [h, w, 3]
-    result[y0:y1, x0:x1] = cv2.blendLinear(region, warped, 1.0 - alpha, alpha)
-    return result
-
-
-def warp_crop_to_photo(
-    values: np.ndarray, transform: CropTransform, photo_shape: tuple[int, ...]
-) -> tuple[tuple[int, int, int, int], np.ndarray] | None:
-    """Warp a float32 crop map [N, N, C] (zero where it has nothing) into the photo, bicubic, zero outside.
-
-    Returns the photo box (x0, y0, x1, y1) the map reaches and the warped values [h, w, C] there, or None
-    when it reaches no photo pixel. ``N`` may differ from ``transform.size`` (the same quad is sampled).
-    """
-    size = values.shape[0]
-    if values.ndim != 3 or values.shape[1] != size:
-        raise ValueError(f"expected a square [N, N, C] map, got {values.shape}")
-    if size != transform.size:
-        transform = transform.resized(size)
-    support = np.abs(values).max(axis=2)  # [N, N]
-    box = _photo_box_of_support(support, transform, photo_shape)
-    if box is None:
-        return None
-    x0, y0, x1, y1 = box
-    box_to_crop = transform.to_crop @ _translation(x0, y0)
-    chunks = [  # OpenCV warps bicubically at most four channels at a time
-        _resample(
-            np.ascontiguousarray(values[..., start : start + 4], dtype=np.float32),
-            box_to_crop,
-            x1 - x0,
-            y1 - y0,
-            source_per_target=transform.scale,
-            border_mode=cv2.BORDER_CONSTANT,
-        ).reshape(y1 - y0, x1 - x0, -1)
-        for start in range(0, values.shape[2], 4)
-    ]
-    return box, np.concatenate(chunks, axis=2)
-
-
-def _photo_box_of_support(
-    weight: np.ndarray, transform: CropTransform, photo_shape: tuple[int, ...]
-) -> tuple[int, int, int, int] | None:
-    """Return the photo box (x0, y0, x1, y1), end-exclusive, that holds every pixel ``weight`` reaches."""
-    rows = np.flatnonzero(weight.max(axis=1) > 0)
-    cols = np.flatnonzero(weight.max(axis=0) > 0)
-    if rows.size == 0:
-        return None
-    reach = 1.0  # bilinear footprint of a crop pixel, in crop pixels
-    corners = np.array(
-        [
-            [cols[0] - 0.5 - reach, rows[0] - 0.5 - reach],
-            [cols[0] - 0.5 - reach, rows[-1] + 0.5 + reach],
-            [cols[-1] + 0.5 + reach, rows[-1] + 0.5 + reach],
-            [cols[-1] + 0.5 + reach, rows[0] - 0.5 - reach],
-        ]
-    )
-    photo_corners = transform.to_photo_points(corners)  # [4, 2]
-    height, width = photo_shape[0], photo_shape[1]
-    x0 = max(0, math.floor(photo_corners[:, 0].min()) - 1)
-    y0 = max(0, math.floor(photo_corners[:, 1].min()) - 1)
-    x1 = min(width, math.ceil(photo_corners[:, 0].max()) + 2)
-    y1 = min(height, math.ceil(photo_corners[:, 1].max()) + 2)
-    if x0 >= x1 or y0 >= y1:
-        return None
-    return x0, y0, x1, y1
-
-
-def _check_image(image: np.ndarray, name: str) -> None:
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        shape = getattr(image, "shape", None)
-        raise ValueError(f"{name} must be a uint8 RGB array [H, W, 3], got {type(image).__name__} {shape}")

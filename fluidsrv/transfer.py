@@ -25,8 +25,9 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from fluidsrv.geometry import CropTransform, warp_crop_to_photo
+from fluidsrv.geometry import CropTransform
 from fluidsrv.masks import dilate
+from fluidsrv.paste import warp_crop_to_photo
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,9 @@ import pytest
 from PIL import Image
 
 from fluidsrv import geometry
-from fluidsrv.geometry import Alignment, CropName, CropTransform, align_face, face_landmarks, ffhq_quad, paste_back
+from fluidsrv.geometry import Alignment, CropName, CropTransform, align_face, face_landmarks, ffhq_quad
+from fluidsrv.paste import paste_back
+from fluidsrv.resample import map_points
 
 Landmarker = Callable[[np.ndarray], np.ndarray]
 CROPS: tuple[CropName, ...] = ("inner", "outer")
@@ -43,7 +45,7 @@ def rotate_photo(photo: np.ndarray, degrees: float) -> tuple[np.ndarray, np.ndar
         return rotated, matrix
     corners = np.array([[-0.5, -0.5], [width - 0.5, -0.5], [width - 0.5, height - 0.5], [-0.5, height - 0.5]])
     matrix = rotation_about(np.array([(width - 1) / 2, (height - 1) / 2]), degrees)
-    mapped = geometry.map_points(matrix, corners)
+    mapped = map_points(matrix, corners)
     low, high = mapped.min(axis=0), mapped.max(axis=0)
     matrix[:2, 2] -= low + 0.5  # the rotated photo's outer corner lands on (-0.5, -0.5)
     size = np.ceil(high - low).astype(int)
@@ -129,7 +131,7 @@ def test_ffhq_quad_turns_with_the_face() -> None:
     five = np.array([[100.0, 120.0], [160.0, 118.0], [131.0, 150.0], [108.0, 182.0], [152.0, 181.0]])
     quad = ffhq_quad(five)
     turn = rotation_about(np.array([300.0, 200.0]), 37.0)
-    np.testing.assert_allclose(ffhq_quad(geometry.map_points(turn, five)), geometry.map_points(turn, quad), atol=1e-9)
+    np.testing.assert_allclose(ffhq_quad(map_points(turn, five)), map_points(turn, quad), atol=1e-9)
     edges = np.roll(quad, -1, axis=0) - quad
     lengths = np.hypot(edges[:, 0], edges[:, 1])
     np.testing.assert_allclose(lengths, lengths[0], rtol=1e-12)  # a square
@@ -182,7 +184,7 @@ def test_crop_pixels_follow_the_matrices(side: float, degrees: float) -> None:
     blob = (301.3, 247.8)
     photo = blob_photo((520, 640), blob, sigma=4.0 * side / 90.0)
     square = np.array([[-0.5, -0.5], [-0.5, 0.5], [0.5, 0.5], [0.5, -0.5]]) * side + [310.0, 240.0]
-    quad = geometry.map_points(rotation_about(np.array([310.0, 240.0]), degrees), square)
+    quad = map_points(rotation_about(np.array([310.0, 240.0]), degrees), square)
     inner = CropTransform(quad, 192)
     outer = inner.expanded_to(288)
     alignment = Alignment(
@@ -237,7 +239,7 @@ def test_align_then_paste_back_round_trips_on_rotated_photos(
 ) -> None:
     upright, upright_landmarks = photo_and_landmarks(shared_dir, name, landmarker)
     photo, turn = rotate_photo(upright, degrees)
-    landmarks = geometry.map_points(turn, upright_landmarks)
+    landmarks = map_points(turn, upright_landmarks)
     alignment = align_face(photo, landmarks, size=1024)
 
     # the face sits upright in the crop whatever the photo's rotation
@@ -265,7 +267,7 @@ def test_crops_of_a_rotated_photo_match_the_upright_ones(
     upright, landmarks = photo_and_landmarks(shared_dir, "deepface_img2.jpg", landmarker)
     photo, turn = rotate_photo(upright, degrees)
     reference = align_face(upright, landmarks, size=256)
-    turned = align_face(photo, geometry.map_points(turn, landmarks), size=256)
+    turned = align_face(photo, map_points(turn, landmarks), size=256)
     centre = slice(32, 224)  # the face, away from the padded border
     difference = np.abs(turned.inner_image.astype(np.int16) - reference.inner_image.astype(np.int16))
     assert difference[centre, centre].mean() < 1.0
@@ -277,7 +279,7 @@ def test_paste_back_leaves_every_other_pixel_byte_identical(
 ) -> None:
     photo, landmarks = photo_and_landmarks(shared_dir, "deepface_img2.jpg", landmarker)
     photo, turn = rotate_photo(photo, 15)
-    alignment = align_face(photo, geometry.map_points(turn, landmarks), size=1024)
+    alignment = align_face(photo, map_points(turn, landmarks), size=1024)
     edited = 255 - cv2.resize(alignment.inner_image, (crop_size, crop_size), interpolation=cv2.INTER_AREA)
 
     pasted = alignment.paste_back(photo, edited)
