@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar, overload
 
 import numpy as np
 import torch
@@ -183,14 +183,76 @@ class Scorer(Protocol):
         ...
 
 
+StageName = Literal["detector", "encoder", "directions", "segmenter", "inpainter", "previewer", "scorer"]
+"""The stages a plugin can provide (one hook each, see :mod:`fluidsrv.hookspecs`)."""
+
+
+class StageLookup(Protocol):
+    """What a plugin context needs of the plugin catalog to build other stages (see :mod:`fluidsrv.plugins`)."""
+
+    def create(self, stage: str, name: str, options: Mapping[str, Any] | None = None) -> Any:
+        """Build a new instance of ``stage``/``name``; raise PluginError when it is unavailable."""
+        ...
+
+    def unavailable_reason(self, stage: str, name: str, options: Mapping[str, Any] | None = None) -> str | None:
+        """Return why ``stage``/``name`` cannot be built, or None."""
+        ...
+
+
 @dataclass(frozen=True)
 class PluginContext:
-    """What a plugin factory may use to build its stage object."""
+    """What a plugin factory may use to build its stage object.
+
+    A context made by the plugin catalog knows that catalog: :meth:`stage` builds another stage's plugin (e.g. the
+    scorer a direction source fits with) from the same plugins, allow-list, options and device.
+    """
 
     device: torch.device
     weights_dir: Path  # the embedded models shipped in the repository's weights/
     cache_dir: Path  # the user's weights cache (downloaded or user-provided files)
     options: Mapping[str, Any] = field(default_factory=dict)  # free-form settings for this plugin
+    catalog: StageLookup | None = field(default=None, repr=False, compare=False)  # set by the plugin catalog
+
+    @overload
+    def stage(self, kind: Literal["detector"], name: str, options: Mapping[str, Any] | None = None) -> Detector: ...
+    @overload
+    def stage(self, kind: Literal["encoder"], name: str, options: Mapping[str, Any] | None = None) -> Encoder: ...
+    @overload
+    def stage(
+        self, kind: Literal["directions"], name: str, options: Mapping[str, Any] | None = None
+    ) -> DirectionSource: ...
+    @overload
+    def stage(self, kind: Literal["segmenter"], name: str, options: Mapping[str, Any] | None = None) -> Segmenter: ...
+    @overload
+    def stage(self, kind: Literal["inpainter"], name: str, options: Mapping[str, Any] | None = None) -> Inpainter: ...
+    @overload
+    def stage(self, kind: Literal["previewer"], name: str, options: Mapping[str, Any] | None = None) -> Previewer: ...
+    @overload
+    def stage(self, kind: Literal["scorer"], name: str, options: Mapping[str, Any] | None = None) -> Scorer: ...
+
+    def stage(self, kind: StageName, name: str, options: Mapping[str, Any] | None = None) -> Any:
+        """Build a new instance of the ``kind`` plugin ``name`` (``options`` replace its configured ones).
+
+        Raises :class:`fluidsrv.plugins.PluginError` when it is unknown or unavailable, or when this context was
+        not made by a plugin catalog.
+        """
+        return self._catalog().create(kind, name, options)
+
+    def stage_unavailable(self, kind: StageName, name: str, options: Mapping[str, Any] | None = None) -> str | None:
+        """Why the ``kind`` plugin ``name`` cannot be built (unknown, unavailable, no catalog), or None when it can."""
+        if self.catalog is None:
+            return "this plugin context has no plugin catalog"
+        try:
+            return self.catalog.unavailable_reason(kind, name, options)
+        except Exception as error:  # an unknown stage or name
+            return str(error)
+
+    def _catalog(self) -> StageLookup:
+        if self.catalog is None:
+            from fluidsrv.plugins import PluginError  # lazy: fluidsrv.plugins imports this module
+
+            raise PluginError("this plugin context has no plugin catalog: build it with fluidsrv.plugins.catalog_for")
+        return self.catalog
 
 
 def _always_available(context: PluginContext) -> str | None:
