@@ -2,7 +2,8 @@
 
 Each hook returns a list of :class:`fluidsrv.stages.PluginFactory`; the core collects the factories
 of all registered plugins per stage and picks one by name from the settings. A factory reports a
-missing dependency or weights file through ``unavailable`` instead of raising at import.
+missing dependency or weights file through ``unavailable`` instead of raising at import; one that needs another
+stage (e.g. a scorer) builds it with ``context.stage(kind, name)`` from the process's plugin catalog.
 """
 
 from __future__ import annotations

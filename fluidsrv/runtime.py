@@ -18,10 +18,10 @@ import torch
 from fluidsrv import latents
 from fluidsrv.direction_files import DirectionsUnavailableError
 from fluidsrv.models.stylegan2 import Generator, GeneratorConfig
-from fluidsrv.plugins import PluginError, StageCatalog, build_plugin_manager
+from fluidsrv.plugins import PluginError, StageCatalog, catalog_for
 from fluidsrv.sessions import Session
 from fluidsrv.settings import Settings
-from fluidsrv.stages import Direction, PluginContext, PreviewRenderer
+from fluidsrv.stages import Direction, PreviewRenderer
 from fluidsrv.weights import load_generator
 
 log = logging.getLogger(__name__)
@@ -191,10 +191,7 @@ class Runtime:
     def build(cls, settings: Settings) -> Runtime:
         """Load the generator and the plugins named in ``settings`` (slow: call off the event loop)."""
         generator, source = load_base_generator(settings.generator, settings.weights_dir)
-        device = torch.device(settings.resolved_device())
-        context = PluginContext(device=device, weights_dir=settings.weights_dir, cache_dir=settings.cache_dir)
-        pm = build_plugin_manager(settings.plugin_allow)
-        catalog = StageCatalog(pm, context, settings.plugin_options)
+        catalog = catalog_for(settings)  # the process's one catalog for these settings, shared with the CLI
         runtime = cls(settings, generator, source, catalog)
         for stage in SINGLE_STAGES:
             name = catalog.first_available(stage, settings.stage_preferences(stage))
@@ -250,7 +247,7 @@ class Runtime:
     def _direction_source_problem(self, name: str) -> str | None:
         """Why the direction source ``name`` cannot be used at all, or None when it can be tried."""
         if name not in self.catalog.names("directions"):
-            return "not installed"
+            return self.catalog.failure_reason(name) or "not installed"
         return self.catalog.unavailable_reason("directions", name)
 
     def sefa_directions(self, layers: tuple[int, int], k: int) -> list[Direction]:

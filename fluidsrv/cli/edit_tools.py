@@ -281,30 +281,25 @@ def run_loop(args: argparse.Namespace) -> int:
 
 
 def _plugin_context(args: argparse.Namespace, options: dict[str, str]) -> Any:
-    import torch
+    from dataclasses import replace
 
+    from fluidsrv.plugins import catalog_for
     from fluidsrv.settings import Settings
-    from fluidsrv.stages import PluginContext
 
-    settings = Settings.from_env()
-    return PluginContext(torch.device(args.device), settings.weights_dir, settings.cache_dir, options)
+    return replace(catalog_for(Settings.from_env(), device=args.device).context, options=options)
 
 
 def create_plugin(hook: str, name: str, context: Any) -> Any:
-    """Build the plugin ``name`` of ``hook`` (e.g. ``fluidsrv_directions``) with ``context``; CliError if it cannot."""
-    from fluidsrv.plugins import build_plugin_manager
+    """Build the plugin ``name`` of ``hook`` (e.g. ``fluidsrv_directions``) through the process's plugin catalog:
+    its configured options with ``context.options`` on top; CliError if it cannot."""
+    from fluidsrv.plugins import STAGE_HOOKS, PluginError
 
-    factories = {
-        factory.name: factory
-        for impl in getattr(build_plugin_manager().hook, hook).get_hookimpls()
-        for factory in impl.function() or []
-    }
-    if name not in factories:
-        raise CliError(f"unknown plugin {name!r}; known: {', '.join(sorted(factories)) or 'none'}")
-    reason = factories[name].unavailable(context)
-    if reason is not None:
-        raise CliError(f"plugin {name!r} is unavailable: {reason}")
-    return factories[name].create(context)
+    stage = next(stage for stage, stage_hook in STAGE_HOOKS.items() if stage_hook == hook)
+    catalog = context.catalog
+    try:
+        return catalog.create(stage, name, {**catalog.configured_options(stage, name), **context.options})
+    except PluginError as error:
+        raise CliError(str(error)) from None
 
 
 def run_directions_list(args: argparse.Namespace) -> int:

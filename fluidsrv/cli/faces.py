@@ -93,15 +93,9 @@ def build_detector(settings: Any, options: dict[str, str]) -> tuple[str, Any]:
 
     Raises CliError with every candidate's reason when none is available.
     """
-    import torch
+    from fluidsrv.plugins import PluginError, catalog_for
 
-    from fluidsrv.plugins import PluginError, StageCatalog, build_plugin_manager
-    from fluidsrv.stages import PluginContext
-
-    context = PluginContext(
-        device=torch.device(settings.resolved_device()), weights_dir=settings.weights_dir, cache_dir=settings.cache_dir
-    )
-    catalog = StageCatalog(build_plugin_manager(settings.plugin_allow), context, settings.plugin_options)
+    catalog = catalog_for(settings)
     reasons = []
     for name in settings.stage_preferences("detector"):
         if name not in catalog.names("detector"):

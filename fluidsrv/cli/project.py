@@ -133,16 +133,13 @@ def first_available_detector(settings: Any) -> Any:
 
 
 def build_stage(settings: Any, device: Any, stage: str, name: str, options: dict[str, Any]) -> Any:
-    """Build a stage plugin through the plugin manager, or raise CliError with its reason."""
-    from fluidsrv.plugins import PluginError, StageCatalog, build_plugin_manager
-    from fluidsrv.stages import PluginContext
+    """Build a stage plugin through the process's plugin catalog (its configured options with ``options`` on top),
+    or raise CliError with its reason."""
+    from fluidsrv.plugins import PluginError, catalog_for
 
-    context = PluginContext(device=device, weights_dir=settings.weights_dir, cache_dir=settings.cache_dir)
-    all_options = {key: dict(value) for key, value in settings.plugin_options.items()}
-    all_options[f"{stage}.{name}"] = {**all_options.get(f"{stage}.{name}", {}), **options}
+    catalog = catalog_for(settings, device=device)
     try:
-        catalog = StageCatalog(build_plugin_manager(settings.plugin_allow), context, options=all_options)
-        return catalog.create(stage, name)
+        return catalog.create(stage, name, {**catalog.configured_options(stage, name), **options})
     except PluginError as error:
         raise CliError(str(error)) from None
 
