@@ -216,7 +216,11 @@ class Runtime:
             return dict(self.direction_problems)
 
     def load_directions(self, sources: list[str]) -> None:
-        """Collect the directions of every available source in ``sources`` (unavailable ones are skipped)."""
+        """Collect the directions of every available source in ``sources``.
+
+        A source that is unavailable, or fails in any way for this generator, is skipped with its reason (see
+        :meth:`direction_status`); only when no source gives directions at all is it an error.
+        """
         directions: dict[str, Direction] = {}
         used: list[str] = []
         problems: dict[str, str] = {}
@@ -228,6 +232,9 @@ class Runtime:
                     found = self.catalog.create("directions", name).directions(self.generator)
                 except (DirectionsUnavailableError, PluginError, ValueError) as error:
                     reason = str(error)
+                except Exception as error:  # one broken source must not stop the server: record why, go on
+                    log.exception("direction source %s failed for this generator", name)
+                    reason = f"failed: {type(error).__name__}: {error}"
             if reason is not None:
                 log.warning("direction source %s gives no sliders: %s", name, reason)
                 problems[name] = reason

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 
 from fluidsrv import hookimpl
 from fluidsrv.direction_files import DirectionsUnavailableError, attribute_cache_path, load_directions
+from fluidsrv.fingerprint import generator_sha256
 from fluidsrv.plugin_options import option_int
-from fluidsrv.stages import Direction, DirectionSource, PluginContext, PluginFactory, Scorer, StepJob
-from fluidsrv.training.attribute_directions import compute_attribute_directions
+from fluidsrv.stages import Direction, DirectionSource, PluginContext, PluginFactory, StepJob
 
 if TYPE_CHECKING:
     from fluidsrv.models.stylegan2 import Generator
@@ -27,12 +27,16 @@ if TYPE_CHECKING:
 DEFAULT_SCORER = "classifier"
 
 
-def build_scorer(context: PluginContext, name: str) -> Scorer:
-    """Build the scorer plugin ``name`` through the plugin manager (so third-party scorers work too)."""
-    from fluidsrv.plugins import StageCatalog, build_plugin_manager
+def scorer_file_suffix(scorer: str) -> str:
+    """The end of the cache file names of directions fitted with ``scorer`` (as :func:`attribute_cache_path`)."""
+    return "-" + "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in scorer) + ".safetensors"
 
-    scorer_context = PluginContext(context.device, context.weights_dir, context.cache_dir, {})
-    return StageCatalog(build_plugin_manager(), scorer_context).create("scorer", name)
+
+def cached_files(context: PluginContext, scorer: str) -> list[Path]:
+    """The cached attribute direction files fitted with ``scorer``, for any generator."""
+    folder = context.cache_dir / "directions"
+    suffix = scorer_file_suffix(scorer)
+    return sorted(path for path in folder.glob("attributes-*.safetensors") if path.name.endswith(suffix))
 
 
 class AttributeDirections:
@@ -59,20 +63,39 @@ class AttributeDirections:
         return attribute_cache_path(self.context.cache_dir, generator, self.scorer)
 
     def directions(self, generator: Generator) -> list[Direction]:
-        """Return the cached directions; raise DirectionsUnavailableError when they were not computed yet."""
+        """Return this generator's cached directions; DirectionsUnavailableError says why there are none.
+
+        Only a file fitted for this very generator (its recorded sha256) with vectors of its shape is used.
+        """
         path = self.cache_path(generator)
         if not path.is_file():
+            others = len(cached_files(self.context, self.scorer))
+            known = f" ({others} file(s) there are for other generators)" if others else ""
             raise DirectionsUnavailableError(
-                f"attribute directions for this generator (scorer {self.scorer}) are not computed yet: run "
+                f"attribute directions for this generator (scorer {self.scorer}) are not computed yet{known}: run "
                 f"`fluidsrv directions compute --scorer {self.scorer} --generator PATH` (a few minutes); "
                 f"expected at {path}"
             )
-        directions, _ = load_directions(path)
+        try:
+            directions, metadata = load_directions(path)
+        except Exception as error:  # a damaged or foreign file gives no sliders, it never stops the server
+            raise DirectionsUnavailableError(f"cannot read the attribute directions {path}: {error}") from error
+        if metadata.get("generator_sha256") != generator_sha256(generator):
+            raise DirectionsUnavailableError(f"{path} was fitted for another generator: compute it again")
+        shapes = {(1, generator.w_dim), (generator.num_ws, generator.w_dim)}
+        wrong = [d.name for d in directions if tuple(d.vector.shape) not in shapes]
+        if wrong:
+            raise DirectionsUnavailableError(f"{path}: {', '.join(wrong)} do not fit this generator's w")
         return directions
 
     def compute(self, generator: Generator) -> StepJob[list[Direction]]:
-        """Step-wise: render, score and fit the directions, cache them and return them."""
-        scorer = build_scorer(self.context, self.scorer)
+        """Step-wise: render, score and fit the directions, cache them and return them.
+
+        The scorer comes from the plugin catalog (``context.stage``), so third-party scorers work too.
+        """
+        from fluidsrv.training.attribute_directions import compute_attribute_directions  # fitting only
+
+        scorer = self.context.stage("scorer", self.scorer)
         return compute_attribute_directions(
             generator,
             scorer,
@@ -86,10 +109,12 @@ class AttributeDirections:
 
 
 def _unavailable(context: PluginContext) -> str | None:
-    folder = context.cache_dir / "directions"
-    if not any(folder.glob("attributes-*.safetensors")) if folder.is_dir() else True:
+    scorer = str(context.options.get("scorer", DEFAULT_SCORER))
+    if not cached_files(context, scorer):
+        folder = context.cache_dir / "directions"
         return (
-            f"no attribute directions computed yet in {folder}: run `fluidsrv directions compute --generator PATH` "
+            f"no attribute directions (scorer {scorer}) computed yet in {folder}: run "
+            f"`fluidsrv directions compute --scorer {scorer} --generator PATH` "
             "(renders and scores ~2,000 faces once per generator)"
         )
     return None

@@ -230,6 +230,33 @@ def test_a_plugin_builds_another_stage_through_its_context(tmp_path: Path) -> No
     assert bare.stage_unavailable("scorer", "bright") == "this plugin context has no plugin catalog"
 
 
+def test_attribute_directions_are_honest_about_the_generator(tmp_path: Path) -> None:
+    from fluidsrv_plugins.directions_attributes import AttributeDirections
+
+    from fluidsrv.runtime import build_random_generator, random_generator_config
+
+    pm = build_plugin_manager(load_entry_points=False)
+    pm.register(BrightPlugin(), name="bright")
+    catalog = catalog_of(pm, tmp_path, {"directions.attributes": {"scorer": "bright", "samples": 40}})
+    assert "scorer bright" in (catalog.unavailable_reason("directions", "attributes") or "")
+    generator = build_random_generator(random_generator_config(16))
+    source = AttributeDirections(catalog.context_for("directions", "attributes"), scorer="bright", samples=40)
+    job = source.compute(generator)  # the scorer comes from the catalog through the context
+    try:
+        while True:
+            next(job)
+    except StopIteration as done:
+        fitted = done.value
+    assert catalog.unavailable_reason("directions", "attributes") is None
+    created = catalog.create("directions", "attributes")
+    assert [d.name for d in created.directions(generator)] == [d.name for d in fitted]
+    foreign = build_random_generator(random_generator_config(32), seed=1)
+    with pytest.raises(Exception, match="for other generators"):
+        source.directions(foreign)
+    other_scorer = catalog_of(pm, tmp_path, {"directions.attributes": {"scorer": "classifier"}})
+    assert "scorer classifier" in (other_scorer.unavailable_reason("directions", "attributes") or "")
+
+
 def test_serving_plugins_do_not_import_the_training_package() -> None:
     code = (
         "import importlib, sys\n"
