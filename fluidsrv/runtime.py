@@ -11,7 +11,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 
@@ -21,7 +21,7 @@ from fluidsrv.models.stylegan2 import Generator, GeneratorConfig
 from fluidsrv.plugins import PluginError, StageCatalog, catalog_for
 from fluidsrv.sessions import Session
 from fluidsrv.settings import Settings
-from fluidsrv.stages import Direction, PreviewRenderer
+from fluidsrv.stages import Detector, Direction, Encoder, Inpainter, Previewer, PreviewRenderer, Segmenter
 from fluidsrv.weights import load_generator
 
 log = logging.getLogger(__name__)
@@ -200,8 +200,19 @@ class Runtime:
         runtime.load_directions(settings.stage_preferences("directions"))
         return runtime
 
+    @overload
+    def stage(self, stage: Literal["detector"]) -> Detector: ...
+    @overload
+    def stage(self, stage: Literal["encoder"]) -> Encoder: ...
+    @overload
+    def stage(self, stage: Literal["segmenter"]) -> Segmenter: ...
+    @overload
+    def stage(self, stage: Literal["inpainter"]) -> Inpainter: ...
+    @overload
+    def stage(self, stage: Literal["previewer"]) -> Previewer: ...
+
     def stage(self, stage: str) -> Any:
-        """Return the active implementation of ``stage``."""
+        """Return the active implementation of ``stage`` (one of SINGLE_STAGES), typed by its stage Protocol."""
         return self.catalog.active(stage)[1]
 
     def active_stages(self) -> dict[str, Any]:
