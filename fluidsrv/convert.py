@@ -24,20 +24,6 @@ def tensor_to_image(tensor: torch.Tensor) -> np.ndarray:
     return pixels.round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()  # [H, W, 3]
 
 
-def tensor_to_images(tensor: torch.Tensor) -> list[np.ndarray]:
-    """Return every image of ``tensor`` [N, 3, H, W] in [-1, 1] as uint8 RGB [H, W, 3]."""
-    return [tensor_to_image(tensor[index : index + 1]) for index in range(tensor.shape[0])]
-
-
-def resize_image(image: np.ndarray, side: int) -> np.ndarray:
-    """Return a square uint8 RGB ``image`` resized to ``side`` pixels (area filter when shrinking)."""
-    if image.shape[0] == side and image.shape[1] == side:
-        return image
-    shrinking = side < image.shape[0]
-    resample = Image.Resampling.BOX if shrinking else Image.Resampling.LANCZOS
-    return np.asarray(Image.fromarray(image).resize((side, side), resample))
-
-
 def encode_preview(image: np.ndarray, image_format: str = "webp", quality: int = 82) -> bytes:
     """Encode a preview frame (uint8 RGB [H, W, 3]) as WebP or JPEG bytes."""
     buffer = io.BytesIO()

@@ -74,10 +74,6 @@ class ImageError(UserError):
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message, status=status, code=code)
 
-    def to_dict(self) -> dict[str, Any]:
-        """Return the error as a JSON-ready dict (``status``, ``code``, ``message``)."""
-        return {"status": self.status, "code": self.code, "message": self.message}
-
 
 @dataclass(frozen=True)
 class ImageMetadata:

@@ -43,12 +43,6 @@ def _check_ws(ws: torch.Tensor, name: str = "ws") -> None:
     assert ws.ndim == 3, f"{name} must be [N, num_ws, w_dim], got {tuple(ws.shape)}"
 
 
-def truncate(ws: torch.Tensor, w_avg: torch.Tensor, psi: float) -> torch.Tensor:
-    """Pull ``ws`` [N, num_ws, w_dim] toward ``w_avg`` ([w_dim] or [num_ws, w_dim]): psi 1 = unchanged, 0 = w_avg."""
-    _check_ws(ws)
-    return w_avg.to(ws) + psi * (ws - w_avg.to(ws))  # [N, num_ws, w_dim]
-
-
 def mix_styles(ws_a: torch.Tensor, ws_b: torch.Tensor, start: int, stop: int | None = None) -> torch.Tensor:
     """Style mixing: ``ws_a`` [N, num_ws, w_dim] with its layers in [start, stop) taken from ``ws_b``.
 
@@ -99,13 +93,6 @@ def parse_layers(spec: str, num_ws: int) -> tuple[int, int]:
     if not 0 <= start < stop <= num_ws:
         raise ValueError(f"layer range {spec!r} = [{start}, {stop}) is empty or outside [0, {num_ws})")
     return start, stop
-
-
-def average_latents(ws: torch.Tensor) -> torch.Tensor:
-    """The average face: the mean of ``ws`` [K, num_ws, w_dim] over its K faces, as [1, num_ws, w_dim]."""
-    _check_ws(ws)
-    assert ws.shape[0] >= 1, "need at least one face to average"
-    return ws.mean(dim=0, keepdim=True)  # [1, num_ws, w_dim]
 
 
 def blend(ws_a: torch.Tensor, ws_b: torch.Tensor, amount: float) -> torch.Tensor:
@@ -376,11 +363,6 @@ class _BasisCache:
                 self._entries.popitem(last=False)
         return basis
 
-    def clear(self) -> None:
-        """Forget every cached basis."""
-        with self._lock:
-            self._entries.clear()
-
 
 _basis_cache = _BasisCache(_BASIS_CACHE_SIZE)
 
@@ -416,8 +398,3 @@ def apply_sliders(
     chosen = [directions[name] for name in values]
     basis = _basis_cache.get_or_build(chosen, ws.shape[1], ws.shape[2], spread, orthogonalize, ws.device, ws.dtype)
     return ws + basis.delta(numbers)  # [N, num_ws, w_dim]
-
-
-def clear_slider_cache() -> None:
-    """Forget the cached slider bases (e.g. after a direction's tensor was changed in place)."""
-    _basis_cache.clear()

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -131,8 +131,6 @@ class LaplacianPyramidDistance(ImageDistance):
 # LPIPS-style distances over feature maps
 # ---------------------------------------------------------------------------------------------------------------
 
-FeatureExtractor = Callable[[torch.Tensor], list[torch.Tensor]]
-
 
 def unit_normalise_channels(features: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
     """Divide each feature vector [N, C, H, W] by its L2 norm over channels (LPIPS's ``normalize_tensor``)."""
@@ -229,10 +227,6 @@ def infer_discriminator_config(state: Mapping[str, torch.Tensor]) -> Discriminat
     for block in blocks:
         channels[resolution // 2**block] = int(state[f"convs.{block}.conv2.1.weight"].shape[0])
     return DiscriminatorConfig(resolution=resolution, channels=channels)
-
-
-def _strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {key[len(prefix) :]: value.float() for key, value in state.items() if key.startswith(prefix)}
 
 
 def load_discriminator(path: str | Path, device: str | torch.device = "cpu") -> Discriminator:

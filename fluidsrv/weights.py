@@ -31,7 +31,6 @@ from torch import nn
 
 from fluidsrv.models.e4e import E4EConfig, Encoder4Editing
 from fluidsrv.models.stylegan2 import Generator, GeneratorConfig
-from fluidsrv.settings import EMBEDDED_WEIGHTS_DIR
 
 log = logging.getLogger(__name__)
 ConfigT = TypeVar("ConfigT", GeneratorConfig, E4EConfig)
@@ -49,14 +48,6 @@ _MAX_KEYS_SHOWN = 20
 
 class CheckpointError(ValueError):
     """A checkpoint could not be read: unknown format, unsafe pickle, or keys that do not match the network."""
-
-
-def embedded_path(name: str) -> Path:
-    """Return the path of an embedded weights file (e.g. ``"generator-128.safetensors"``) in ``weights/``."""
-    path = EMBEDDED_WEIGHTS_DIR / name
-    if path.resolve().parent != EMBEDDED_WEIGHTS_DIR.resolve():
-        raise ValueError(f"embedded weights name must be a plain file name, got {name!r}")
-    return path
 
 
 # ---------------------------------------------------------------------------------------------- reading files

@@ -13,7 +13,6 @@ from fluidsrv.models.attributes import (
     AttributeNet,
     AttributeNetConfig,
     load_attribute_net,
-    read_attribute_metadata,
     save_attribute_net,
 )
 from fluidsrv.settings import EMBEDDED_WEIGHTS_DIR
@@ -25,6 +24,7 @@ from fluidsrv.training.attributes import (
     train_attribute_net,
 )
 from fluidsrv.training.data import HELDOUT_FIRST_ID, to_model_range
+from fluidsrv.weights import read_metadata
 
 SHIPPED = EMBEDDED_WEIGHTS_DIR / "attributes-128.safetensors"
 SMALL = AttributeNetConfig(input_size=32, widths=(8, 16, 32))
@@ -61,7 +61,7 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     with torch.no_grad():
         for before, after in zip(net(images), loaded(images)):
             torch.testing.assert_close(before, after, atol=0.05, rtol=0.01)  # fp16 storage
-    assert read_attribute_metadata(tmp_path / "net.safetensors")["heldout_age_mae"] == "1.0"
+    assert read_metadata(tmp_path / "net.safetensors")["heldout_age_mae"] == "1.0"
     assert (tmp_path / "net.safetensors").stat().st_size < 60_000
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fluidsrv.convert import encode_preview, image_to_tensor, resize_image, tensor_to_image, tensor_to_images
+from fluidsrv.convert import encode_preview, image_to_tensor, tensor_to_image
 
 
 def test_round_trip_is_exact_for_uint8() -> None:
@@ -18,13 +18,10 @@ def test_round_trip_is_exact_for_uint8() -> None:
 def test_out_of_range_values_are_clamped() -> None:
     tensor = torch.tensor([-3.0, 0.0, 3.0]).view(1, 3, 1, 1)
     assert tensor_to_image(tensor).reshape(-1).tolist() == [0, 128, 255]
-    assert len(tensor_to_images(torch.zeros(4, 3, 2, 2))) == 4
 
 
-def test_resize_and_preview_encoding() -> None:
+def test_preview_encoding() -> None:
     image = np.full((64, 64, 3), 200, np.uint8)
-    assert resize_image(image, 32).shape == (32, 32, 3)
-    assert resize_image(image, 64) is image
     for image_format, pil_name in (("webp", "WEBP"), ("jpeg", "JPEG")):
         decoded = Image.open(io.BytesIO(encode_preview(image, image_format)))
         assert decoded.format == pil_name and decoded.size == (64, 64)

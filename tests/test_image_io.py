@@ -397,9 +397,9 @@ def test_upright_xmp_resets_both_spellings() -> None:
     )
 
 
-def test_error_is_json_ready() -> None:
+def test_error_carries_status_code_and_message() -> None:
     error = ImageError(415, "unsupported_type", "nope")
-    assert error.to_dict() == {"status": 415, "code": "unsupported_type", "message": "nope"}
+    assert (error.status, error.code, error.message) == (415, "unsupported_type", "nope")
     assert str(error) == "nope"
 
 

@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 from fluidsrv.directions import sample_w
 from fluidsrv.latents import (
     apply_sliders,
-    average_latents,
     blend,
     deform_loop,
     latent_spread,
@@ -20,7 +19,6 @@ from fluidsrv.latents import (
     parse_layers,
     preset_layers,
     std_along,
-    truncate,
 )
 from fluidsrv.stages import Direction
 from tests.model_support import tiny_generator
@@ -227,22 +225,13 @@ def test_mix_styles_takes_the_chosen_layers() -> None:
     assert mixed[:, 4:8].eq(1).all() and mixed[:, :4].eq(0).all() and mixed[:, 8:].eq(0).all()
 
 
-def test_average_and_blend() -> None:
+def test_more_like_and_blend() -> None:
     faces = torch.randn(3, NUM_WS, W_DIM)
-    average = average_latents(faces)
-    assert average.shape == (1, NUM_WS, W_DIM)
-    torch.testing.assert_close(average[0], faces.mean(0))
     a, b = faces[:1], faces[1:2]
     torch.testing.assert_close(more_like(a, b, 0), a)
     torch.testing.assert_close(more_like(a, b, 100), b)
     torch.testing.assert_close(more_like(a, b, 30), a + 0.3 * (b - a))
     torch.testing.assert_close(blend(a, b, 1.5) - b, 0.5 * (b - a))  # caricature past B
-
-
-def test_truncate() -> None:
-    ws, center = torch.randn(2, NUM_WS, W_DIM), torch.randn(W_DIM)
-    torch.testing.assert_close(truncate(ws, center, 1.0), ws)
-    torch.testing.assert_close(truncate(ws, center, 0.0), center.expand_as(ws))
 
 
 def test_morph_path_visits_every_face() -> None:

@@ -15,11 +15,9 @@ import torch
 from fluidsrv import weights
 from fluidsrv.models.e4e import E4EConfig, Encoder4Editing
 from fluidsrv.models.stylegan2 import Generator, GeneratorConfig
-from fluidsrv.settings import EMBEDDED_WEIGHTS_DIR
 from fluidsrv.weights import (
     CheckpointError,
     check_state_dict,
-    embedded_path,
     infer_e4e_config,
     infer_generator_config,
     load_e4e,
@@ -341,9 +339,3 @@ def test_full_e4e_checkpoint_layout_is_split_and_accepted(fixtures_dir: Path) ->
 
     with pytest.raises(CheckpointError, match=r"outside encoder\./decoder\. \(1\): latent_avg"):
         split_e4e_state({**state, "latent_avg": torch.empty(18, 512, device="meta")})
-
-
-def test_embedded_path_is_under_the_weights_dir() -> None:
-    assert embedded_path("generator-128.safetensors") == EMBEDDED_WEIGHTS_DIR / "generator-128.safetensors"
-    with pytest.raises(ValueError):
-        embedded_path("../pyproject.toml")

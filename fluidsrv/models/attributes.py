@@ -114,9 +114,3 @@ def load_attribute_net(path: str | Path, device: str | torch.device = "cpu") -> 
     state = {key: value.float() if value.is_floating_point() else value for key, value in tensors.items()}
     net.load_state_dict(state, strict=True)
     return net.to(device).eval()
-
-
-def read_attribute_metadata(path: str | Path) -> dict[str, str]:
-    """Return the string metadata of an attribute network file (config, held-out metrics, ...)."""
-    with safe_open(str(path), framework="pt", device="cpu") as handle:
-        return dict(handle.metadata() or {})

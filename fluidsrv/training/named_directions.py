@@ -69,9 +69,6 @@ NAMED_ATTRIBUTES: tuple[NamedAttribute, ...] = (
 )
 """The sliders fitted by default, in the order the app lists them."""
 
-COLOUR_SCORES = ("brightness", "redness", "warmth", "side_light")
-"""Colour / lighting measures every named direction is made orthogonal to."""
-
 LAYER_CANDIDATES_FRACTIONS: tuple[tuple[float, float], ...] = (
     (0.0, 1.0),
     (0.0, 0.34),
