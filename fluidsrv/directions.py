@@ -55,16 +55,11 @@ def _descending_eigh(matrix: torch.Tensor) -> Factorization:
 # ---------------------------------------------------------------------------------------------- SeFa
 
 
-def conv_layer_count(generator: Generator) -> int:
-    """Number of style-modulated conv layers (``conv1`` + ``convs``): num_ws − 1."""
-    return 1 + len(generator.convs)
-
-
 def modulation_weights(generator: Generator, layers: tuple[int, int] | None = None) -> list[torch.Tensor]:
     """Raw modulation weights [channels, w_dim] of the conv layers in ``layers`` ([start, stop) ws layers).
 
     Conv layer j (``conv1``, then ``convs.0``, ...) is driven by ws layer j; the last ws layer drives only a
-    ToRGB and has no conv, so the range is cut at :func:`conv_layer_count`.
+    ToRGB and has no conv, so the range is cut at the conv count (``1 + len(convs)``, num_ws − 1).
     """
     convs = [generator.conv1, *generator.convs]
     start, stop = layers if layers is not None else (0, len(convs))
