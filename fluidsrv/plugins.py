@@ -14,6 +14,7 @@ import importlib.metadata
 import json
 import logging
 import threading
+import weakref
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -293,8 +294,9 @@ class StageCatalog:
 # ---------------------------------------------------------------------------------------------- one per process
 
 _CatalogKey = tuple[tuple[str, ...] | None, str, str, Path, Path]
-_managers: dict[tuple[str, ...] | None, FluidsrvPluginManager] = {}
-_catalogs: dict[_CatalogKey, StageCatalog] = {}
+_managers: dict[tuple[str, ...] | None, FluidsrvPluginManager] = {}  # plugins are imported once per allow-list
+# a catalog lives while its runtime or command holds it: the active stage objects it keeps go with it
+_catalogs: weakref.WeakValueDictionary[_CatalogKey, StageCatalog] = weakref.WeakValueDictionary()
 _catalogs_lock = threading.Lock()
 
 
@@ -309,17 +311,18 @@ def plugin_manager_for(allow: Collection[str] | None) -> FluidsrvPluginManager:
 
 def catalog_for(settings: Settings, device: torch.device | str | None = None) -> StageCatalog:
     """Return this process's plugin catalog for ``settings`` (its allow-list, plugin options, directories) on
-    ``device`` (default: the settings' device), building it on first use; later calls share it."""
+    ``device`` (default: the settings' device), building it on first use; later calls share it while it is held."""
     resolved = torch.device(device if device is not None else settings.resolved_device())
     options = json.dumps(settings.plugin_options, sort_keys=True, default=str)
     allow = None if settings.plugin_allow is None else tuple(sorted(settings.plugin_allow))
     key: _CatalogKey = (allow, options, str(resolved), Path(settings.weights_dir), Path(settings.cache_dir))
     pm = plugin_manager_for(allow)
     with _catalogs_lock:
-        if key not in _catalogs:
+        catalog = _catalogs.get(key)
+        if catalog is None:
             context = PluginContext(device=resolved, weights_dir=settings.weights_dir, cache_dir=settings.cache_dir)
-            _catalogs[key] = StageCatalog(pm, context, settings.plugin_options)
-        return _catalogs[key]
+            catalog = _catalogs[key] = StageCatalog(pm, context, settings.plugin_options)
+        return catalog
 
 
 def forget_catalogs() -> None:
