@@ -29,11 +29,11 @@ import numpy as np
 import torch
 
 from fluidsrv import dlib_faces
+from fluidsrv.attribute_directions import compute_attribute_directions
 from fluidsrv.direction_files import attribute_cache_path, load_directions
 from fluidsrv.latents import apply_sliders, latent_spread
 from fluidsrv.settings import default_cache_dir
 from fluidsrv.stages import Direction, Scorer
-from fluidsrv.training.attribute_directions import compute_attribute_directions
 from fluidsrv.videos import to_uint8_frames
 
 IDENTITY_THRESHOLD = dlib_faces.SAME_PERSON_DISTANCE

@@ -12,7 +12,7 @@
 Conv layer ``j`` of the generator (``conv1``, ``convs.0``, ``convs.1``, ...) is driven by ``ws[:, j]``, so a
 SeFa layer range is a ws layer range. Directions are unit vectors in W; :func:`fluidsrv.latents.apply_sliders`
 scales them by the spread of ``w``. Direction files are :mod:`fluidsrv.direction_files`; fitting attribute
-directions on rendered faces is :mod:`fluidsrv.training.attribute_directions`.
+directions on rendered faces is :mod:`fluidsrv.attribute_directions`.
 """
 
 from __future__ import annotations

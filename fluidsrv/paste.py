@@ -14,7 +14,7 @@ import numpy as np
 from fluidsrv.resample import MIN_BLUR_SIGMA, check_rgb_image, resample, translation
 
 if TYPE_CHECKING:
-    from fluidsrv.geometry import CropTransform
+    from fluidsrv.crops import CropTransform
 
 DEFAULT_FEATHER = 0.05  # paste-back feather width as a fraction of the crop side
 

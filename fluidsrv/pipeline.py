@@ -1,39 +1,86 @@
-"""The stage orchestration: detect, prepare (align → encode → fine-tune → distill), preview, finalize.
+"""The stage orchestration as functions over a typed stage bundle: detect, prepare → Prepared, preview → frame,
+finalize → JPEG bytes.
 
-Functions here run on the executor's worker thread (detection may also run in a plain thread: it does
-not touch the generator). Long stages are step jobs (see :mod:`fluidsrv.stages`) so previews of other
-sessions interleave between their steps and a closed client's job stops at the next step.
+Nothing here knows sessions, stores or HTTP: functions take the stages and the data they need and return
+values. Which thread runs what is the caller's choice, marked per function: *device* functions touch the
+generator or a model stage and run on the executor's worker; *host* functions are numpy / image work that
+runs off the worker (so it never delays another session's preview). Long device work is a step job (see
+:mod:`fluidsrv.stages`): previews of other sessions interleave between its steps, and a job whose client left
+stops at the next step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import cast
 
 import numpy as np
 import torch
 
 from fluidsrv import latents
-from fluidsrv.compose import compose_outer, head_mask
+from fluidsrv.compose import Composition, compose_outer, head_mask
 from fluidsrv.convert import image_to_tensor, tensor_to_image
-from fluidsrv.geometry import Alignment, align_face, face_landmarks, warp_crop
-from fluidsrv.image_io import decode_image, encode_image
-from fluidsrv.runtime import Runtime
-from fluidsrv.sessions import Session, SliderHistory
-from fluidsrv.stages import Face, Progress, StepJob
+from fluidsrv.geometry import align_face, face_landmarks, warp_crop
+from fluidsrv.image_io import ImageMetadata, encode_image
+from fluidsrv.models.stylegan2 import Generator
+from fluidsrv.session.model import Prepared
+from fluidsrv.stages import (
+    Detector,
+    Direction,
+    Encoder,
+    Face,
+    Inpainter,
+    Previewer,
+    PreviewRenderer,
+    Progress,
+    Segmenter,
+    StepJob,
+)
 from fluidsrv.transfer import EditLayer, apply_to_crop, apply_to_photo, edit_layer, head_region
 
 PASTE_FEATHER = 0.02
-"""Softness of the paste-back weight, as a fraction of the outer crop's side."""
-
-
-RECONSTRUCTION = "reconstruction"
-"""Key of ``Session.extra_arrays``: the unedited preview render (uint8 [R, R, 3]) of the prepared face."""
-HEAD_MASK = "head_mask"
-"""Key of ``Session.extra_arrays``: the parsed face + hair (float32 [P, P]) of the photo's inner crop."""
-PREVIEW_CROP = "preview_crop"
-"""Key of ``Session.extra_arrays``: the photo's inner crop (uint8 [P, P, 3]) that previews are laid over."""
+"""Softness of the paste-back weight in ``replace`` mode, as a fraction of the outer crop's side."""
 PREVIEW_MIN_SIDE, PREVIEW_MAX_SIDE = 256, 512
+RESULT_QUALITY = 95
+
+
+class PipelineError(RuntimeError):
+    """A stage cannot run on this input (e.g. a face index that does not exist)."""
+
+
+@dataclass(frozen=True)
+class StageBundle:
+    """What the pipeline runs on: the base generator, the active stage plugins and the edit settings."""
+
+    generator: Generator  # the shared base generator
+    detector: Detector
+    encoder: Encoder
+    segmenter: Segmenter
+    inpainter: Inpainter
+    previewer: Previewer
+    device: torch.device
+    finetune: str = "lowrank"  # "none", "lowrank" or "full" (checked by Settings)
+    finetune_steps: int = 100
+    photo_detail: str = "transfer"  # "transfer" (lay the render's change over the photo) or "replace"
+
+
+@dataclass(frozen=True)
+class PreparedFace:
+    """What prepare makes: the session's new prepared state and its tuned models (to cache)."""
+
+    prepared: Prepared
+    generator: Generator  # fine-tuned (or the base one when fine-tuning is off)
+    renderer: PreviewRenderer
+
+
+@dataclass(frozen=True)
+class FinalRenders:
+    """Finalize's device work: the edited face, and what the host needs to lay it into the photo."""
+
+    edited: np.ndarray  # uint8 [R, R, 3] the new inner face
+    reconstructed: np.ndarray | None  # "transfer": the unedited render of the same generator
+    replaced_outer: Composition | None  # "replace": the outer crop with the new head, inpainted
 
 
 def preview_side(resolution: int) -> int:
@@ -41,130 +88,102 @@ def preview_side(resolution: int) -> int:
     return min(PREVIEW_MAX_SIDE, max(PREVIEW_MIN_SIDE, resolution))
 
 
-def parse_photo_head(runtime: Runtime, photo: np.ndarray, alignment: Alignment) -> tuple[np.ndarray, np.ndarray]:
-    """The photo's inner crop at the preview side and its parsed face + hair (float32 [P, P])."""
-    inner = alignment.inner.resized(preview_side(alignment.inner.size))
-    crop = warp_crop(photo, inner, qsize=alignment.inner.side)  # [P, P, 3]
-    return crop, head_mask(runtime.stage("segmenter").parse(crop))
+def detect_faces(detector: Detector, pixels: np.ndarray) -> tuple[Face, ...]:
+    """Device: the faces of ``pixels`` (uint8 RGB [H, W, 3]), numbered left to right (then top to bottom)."""
+    faces = detector.detect(pixels)
+    return tuple(sorted(faces, key=lambda face: (face.box[0] + face.box[2], face.box[1] + face.box[3])))
 
 
-class PipelineError(RuntimeError):
-    """A stage cannot run on this session's state (e.g. previews before a face was prepared)."""
-
-
-def detect_faces(runtime: Runtime, image: np.ndarray) -> list[Face]:
-    """Return the faces of ``image`` (uint8 RGB [H, W, 3]) found by the active detector, largest first."""
-    faces = runtime.stage("detector").detect(image)
-    return sorted(faces, key=lambda face: face.area, reverse=True)
-
-
-def prepare(runtime: Runtime, session: Session, face_index: int) -> StepJob[None]:
-    """Align the chosen face, encode it, fine-tune the generator on it and build the preview renderer."""
-    if session.image is None or not 0 <= face_index < len(session.faces):
-        raise PipelineError(f"face {face_index} does not exist in this session")
-    generator = runtime.generator
-    alignment = align_face(session.image, face_landmarks(session.faces[face_index]), size=generator.resolution)
+def prepare(stages: StageBundle, pixels: np.ndarray, faces: tuple[Face, ...], face_index: int, *,
+            version: int = 1) -> StepJob[PreparedFace]:
+    """Device: align the chosen face, encode it, fine-tune the generator on it and build the preview renderer."""
+    if not 0 <= face_index < len(faces):
+        raise PipelineError(f"face {face_index} does not exist in this photo")
+    generator = stages.generator
+    alignment = align_face(pixels, face_landmarks(faces[face_index]), size=generator.resolution)
     yield Progress("align", 1, 1, "face aligned", frame=alignment.inner_image)
 
-    target = image_to_tensor(alignment.inner_image, runtime.device)  # [1, 3, R, R]
-    inverted = yield from runtime.stage("encoder").encode(target, generator)
-    ws = inverted.ws.detach().to(runtime.device)  # [1, num_ws, w_dim]
+    target = image_to_tensor(alignment.inner_image, stages.device)  # [1, 3, R, R]
+    inverted = yield from stages.encoder.encode(target, generator)
+    ws = inverted.ws.detach().to(stages.device)  # [1, num_ws, w_dim]
 
     delta: dict[str, torch.Tensor] = {}
     tuned = generator
-    if runtime.settings.finetune != "none":
+    if stages.finetune != "none":
         from fluidsrv.pti import DeltaMode, PTIConfig, apply_delta, finetune
 
-        mode = cast(DeltaMode, runtime.settings.finetune)  # "full" or "lowrank" (checked by Settings)
-        config = PTIConfig(mode=mode, steps=runtime.settings.finetune_steps)
+        config = PTIConfig(mode=cast(DeltaMode, stages.finetune), steps=stages.finetune_steps)
         delta = yield from finetune(generator, target, ws, config)
         tuned = apply_delta(generator, delta)
-    renderer = yield from runtime.stage("previewer").fit(tuned, ws)
+    renderer = yield from stages.previewer.fit(tuned, ws)
     with torch.inference_mode():
-        reconstruction = tensor_to_image(renderer.render(ws))  # the unedited preview, for detail transfer
-    preview_crop, head = parse_photo_head(runtime, session.image, alignment)
-
-    # publish the new state: whole objects are replaced, never edited in place, so readers on other
-    # threads see either the old or the new state
-    session.face_index = face_index
-    session.alignment = alignment.to_dict()
-    session.w, session.ws = inverted.w.detach().to(runtime.device), ws
-    session.generator_delta = delta
-    session.student_state = renderer.state_dict()
-    session.sliders = {}
-    session.history = SliderHistory(limit=session.history.limit)
-    replaced = ("result", RECONSTRUCTION, HEAD_MASK, PREVIEW_CROP)
-    kept = {key: value for key, value in session.extra_arrays.items() if key not in replaced}
-    session.extra_arrays = {**kept, RECONSTRUCTION: reconstruction, HEAD_MASK: head, PREVIEW_CROP: preview_crop}
-    runtime.remember_models(session, tuned, renderer)
+        reconstruction = tensor_to_image(renderer.render(ws))  # [P, P, 3] the unedited preview
+    inner = alignment.inner.resized(preview_side(alignment.inner.size))
+    preview_crop = warp_crop(pixels, inner, qsize=alignment.inner.side)  # [P, P, 3]
+    prepared = Prepared(
+        face_index=face_index, alignment=alignment, w=inverted.w.detach().to(stages.device), ws=ws,
+        generator_delta=delta, student_state=renderer.state_dict(), reconstruction=reconstruction,
+        head_mask=head_mask(stages.segmenter.parse(preview_crop)), preview_crop=preview_crop, version=version)
+    return PreparedFace(prepared, tuned, renderer)
 
 
-def edited_ws(runtime: Runtime, session: Session, values: Mapping[str, float]) -> torch.Tensor:
-    """Return the session's ws moved by the slider ``values`` (model F).
+def edited_ws(ws: torch.Tensor, directions: Mapping[str, Direction], values: Mapping[str, float],
+              spread: torch.Tensor) -> torch.Tensor:
+    """The ``ws`` [1, num_ws, w_dim] moved by the slider ``values`` (model F).
 
-    Sliders whose direction no longer exists (e.g. after the direction source was switched) are left out;
-    the websocket refuses unknown names in new messages, so this only affects older states.
+    Sliders whose direction no longer exists (e.g. after the direction source was switched) are left out.
     """
-    if session.ws is None:
-        raise PipelineError("no face has been prepared in this session yet")
-    directions = runtime.directions_for(session)
     active = {name: value for name, value in values.items() if value != 0.0 and name in directions}
     if not active:
-        return session.ws
-    return latents.apply_sliders(session.ws, directions, active, spread=runtime.spread)
-
-
-def session_layer(session: Session, edited: np.ndarray, reconstructed: np.ndarray) -> EditLayer:
-    """The edit of two renders of the session's face, kept on the photo's parsed head (see fluidsrv.transfer)."""
-    head = session.extra_arrays.get(HEAD_MASK)
-    if head is None:
-        raise PipelineError("this face was prepared by an older release: prepare it again")
-    return edit_layer(edited, reconstructed, head_region(head, edited.shape[0]))
+        return ws
+    return latents.apply_sliders(ws, directions, active, spread=spread)
 
 
 @torch.inference_mode()
-def render_preview(runtime: Runtime, session: Session, values: Mapping[str, float]) -> np.ndarray:
-    """Render the preview of slider ``values``: uint8 RGB [P, P, 3] (the aligned crop, as finalize will show it).
-
-    With detail transfer (the default) the frame is the photo's aligned crop with the render's change laid over
-    the head exactly as finalize lays it over the photo; with ``replace`` it is the render itself.
-    """
-    _, renderer = runtime.session_models(session)
-    frame = tensor_to_image(renderer.render(edited_ws(runtime, session, values)))
-    reconstruction = session.extra_arrays.get(RECONSTRUCTION)
-    crop = session.extra_arrays.get(PREVIEW_CROP)
-    if runtime.settings.photo_detail == "transfer" and reconstruction is not None and crop is not None:
-        return apply_to_crop(crop, session_layer(session, frame, reconstruction))
-    return frame
+def render_preview(renderer: PreviewRenderer, ws: torch.Tensor) -> np.ndarray:
+    """Device: the preview renderer's image of ``ws``: uint8 RGB [P, P, 3]."""
+    return tensor_to_image(renderer.render(ws))
 
 
-def finalize(runtime: Runtime, session: Session) -> StepJob[bytes]:
-    """Render the edit with the tuned generator, lay it into the photo and return the JPEG bytes."""
-    if session.alignment is None or session.image is None or session.ws is None:
-        raise PipelineError("no face has been prepared in this session yet")
-    generator, _ = runtime.session_models(session)
+def preview_layer(prepared: Prepared, edited: np.ndarray, reconstructed: np.ndarray) -> EditLayer:
+    """Host: the edit between two renders of the prepared face, kept on the photo's parsed head."""
+    return edit_layer(edited, reconstructed, head_region(prepared.head_mask, edited.shape[0]))
+
+
+def compose_preview(prepared: Prepared, frame: np.ndarray, photo_detail: str) -> np.ndarray:
+    """Host: the preview as finalize will show it: the photo's aligned crop with the render's change laid over
+    the head ("transfer"), or the render itself ("replace")."""
+    if photo_detail != "transfer":
+        return frame
+    return apply_to_crop(prepared.preview_crop, preview_layer(prepared, frame, prepared.reconstruction))
+
+
+def render_final(stages: StageBundle, generator: Generator, prepared: Prepared,
+                 ws: torch.Tensor) -> StepJob[FinalRenders]:
+    """Device: render the edit with the session's tuned generator (and, in "replace" mode, compose the head)."""
     with torch.inference_mode():
-        new_inner = tensor_to_image(generator.synthesis(edited_ws(runtime, session, session.sliders)))
-    yield Progress("finalize", 1, 3, "edited face rendered", frame=new_inner)
-
-    alignment = Alignment.from_dict(session.alignment)
-    if runtime.settings.photo_detail == "transfer":
+        edited = tensor_to_image(generator.synthesis(ws))  # [R, R, 3]
+    yield Progress("finalize", 1, 3, "edited face rendered", frame=edited)
+    if stages.photo_detail == "transfer":
         with torch.inference_mode():
-            reconstructed_inner = tensor_to_image(generator.synthesis(session.ws))
-        layer = session_layer(session, new_inner, reconstructed_inner)
-        photo = apply_to_photo(session.image, layer, alignment.inner)
-    else:
-        photo = replace_face(runtime, session.image, alignment, new_inner)
-    yield Progress("finalize", 2, 3, "laid into the photo")
-
-    metadata = decode_image(session.upload, max_pixels=photo.shape[0] * photo.shape[1], max_bytes=None).metadata
-    result = encode_image(photo, "jpeg", metadata=metadata, quality=95)
-    yield Progress("finalize", 3, 3, "encoded")
-    return result
+            reconstructed = tensor_to_image(generator.synthesis(prepared.ws))
+        return FinalRenders(edited, reconstructed, None)
+    alignment = prepared.alignment
+    composed = compose_outer(alignment.outer_image, edited, alignment.inner_offset, stages.segmenter,
+                             stages.inpainter)
+    return FinalRenders(edited, None, composed)
 
 
-def replace_face(runtime: Runtime, photo: np.ndarray, alignment: Alignment, new_inner: np.ndarray) -> np.ndarray:
-    """The ``replace`` mode: the render shown where the new head is, the seam inpainted, pasted into the photo."""
-    segmenter, inpainter = runtime.stage("segmenter"), runtime.stage("inpainter")
-    edited = compose_outer(alignment.outer_image, new_inner, alignment.inner_offset, segmenter, inpainter)
-    return alignment.paste_back(photo, edited.image, "outer", mask=edited.changed, feather=PASTE_FEATHER)
+def lay_into_photo(photo: np.ndarray, prepared: Prepared, renders: FinalRenders) -> np.ndarray:
+    """Host: the photo (uint8 RGB [H, W, 3]) with the final renders laid in, at its own resolution."""
+    if renders.replaced_outer is not None:
+        outer = renders.replaced_outer
+        return prepared.alignment.paste_back(photo, outer.image, "outer", mask=outer.changed, feather=PASTE_FEATHER)
+    assert renders.reconstructed is not None
+    layer = preview_layer(prepared, renders.edited, renders.reconstructed)
+    return apply_to_photo(photo, layer, prepared.alignment.inner)
+
+
+def encode_result(photo: np.ndarray, metadata: ImageMetadata) -> bytes:
+    """Host: the finalized photo as JPEG, carrying the upload's metadata."""
+    return encode_image(photo, "jpeg", metadata=metadata, quality=RESULT_QUALITY)

@@ -24,7 +24,7 @@ import pluggy
 import torch
 
 from fluidsrv import hookspecs
-from fluidsrv.stages import PluginContext, PluginFactory
+from fluidsrv.stages import PluginContext, PluginError, PluginFactory
 
 if TYPE_CHECKING:
     from fluidsrv.settings import Settings
@@ -70,10 +70,6 @@ STAGE_HOOKS: dict[str, str] = {
 
 UNKNOWN_STAGE = "unknown"
 """The stage of a plugin that failed before saying which hooks it implements."""
-
-
-class PluginError(RuntimeError):
-    """A stage plugin is unknown, unavailable or failed to build."""
 
 
 @dataclass(frozen=True)

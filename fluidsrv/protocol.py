@@ -182,3 +182,180 @@ def decode_frame(data: bytes) -> Frame:
 def event(kind: str, **fields: Any) -> str:
     """Return a JSON text event for the websocket."""
     return json.dumps({"type": kind, **fields}, allow_nan=False)
+
+
+# ---- REST request bodies of the on-demand directions and the latent tools ---------------------------------
+
+MAX_SEFA_VECTORS = 32
+MAX_PROMPT_CHARS = 100
+MAX_MORPH_FACES = 8
+MAX_VIDEO_FRAMES = 480
+VIDEO_TYPES = {"mp4": "video/mp4", "gif": "image/gif"}
+MAX_LAYER_INDEX = 64
+
+LayerSpec = str | tuple[int, int]
+"""A ws layer range as sent: a preset name ("coarse", "middle", "fine") or [start, stop); the service resolves it
+against the generator's num_ws."""
+
+
+@dataclass(frozen=True)
+class FaceRef:
+    """A prepared session named in a tool request: its id and token."""
+
+    session_id: str
+    token: str
+
+
+@dataclass(frozen=True)
+class SefaRequest:
+    """``POST .../directions/sefa``: the top ``k`` SeFa directions of a layer range."""
+
+    layers: LayerSpec
+    k: int = 5
+
+
+@dataclass(frozen=True)
+class TextRequest:
+    """``POST .../directions/text``: the direction of a text prompt, optionally on a layer range."""
+
+    prompt: str
+    layers: LayerSpec | None = None
+
+
+@dataclass(frozen=True)
+class MixRequest:
+    """``POST /api/tools/mix``: B's styles on a layer range of A, or A made ``percent`` % more like B."""
+
+    faces: tuple[FaceRef, FaceRef]
+    percent: float | None = None
+    layers: LayerSpec = "coarse"
+
+
+@dataclass(frozen=True)
+class MorphRequest:
+    """``POST /api/tools/morph``: a video through 2–8 faces."""
+
+    faces: tuple[FaceRef, ...]
+    frames_per_transition: int = 24
+    loop: bool = False
+    format: str = "mp4"
+
+
+@dataclass(frozen=True)
+class LoopRequest:
+    """``POST /api/tools/loop``: a seamless "deform loop" video of one face."""
+
+    face: FaceRef
+    layers: LayerSpec | None = None
+    frames: int = 48
+    amplitude: float = 1.0
+    seed: int = 0
+    format: str = "mp4"
+
+
+def _object(data: Any) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise bad_request("the body must be a JSON object")
+    return data
+
+
+def parse_layer_spec(raw: Any) -> LayerSpec:
+    """Parse ``[start, stop]`` or a preset name; the range is checked against num_ws by the service."""
+    if isinstance(raw, str) and 0 < len(raw) <= 32:
+        return raw
+    if (
+        isinstance(raw, list)
+        and len(raw) == 2
+        and all(isinstance(value, int) and not isinstance(value, bool) for value in raw)
+        and 0 <= raw[0] < raw[1] <= MAX_LAYER_INDEX
+    ):
+        return raw[0], raw[1]
+    raise bad_request('"layers" must be [start, stop] with 0 <= start < stop <= num_ws, or a preset', "bad_layers")
+
+
+def _bounded_int(data: dict[str, Any], key: str, default: int, low: int, high: int) -> int:
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise bad_request(f'"{key}" must be an integer in [{low}, {high}]')
+    return value
+
+
+def _bounded_float(data: dict[str, Any], key: str, default: float, low: float, high: float) -> float:
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise bad_request(f'"{key}" must be a number')
+    if not low <= float(value) <= high:
+        raise bad_request(f'"{key}" must be within [{low:g}, {high:g}]')
+    return float(value)
+
+
+def _video_type(data: dict[str, Any]) -> str:
+    kind = data.get("format", "mp4")
+    if kind not in VIDEO_TYPES:
+        raise bad_request(f'"format" must be one of {", ".join(VIDEO_TYPES)}')
+    return str(kind)
+
+
+def parse_face_ref(raw: Any) -> FaceRef:
+    """Parse ``{"session_id": ..., "token": ...}``."""
+    keys = ("session_id", "token")
+    if not isinstance(raw, dict) or not all(isinstance(raw.get(key), str) for key in keys):
+        raise bad_request('each face must be {"session_id": "...", "token": "..."}', "bad_face")
+    return FaceRef(raw["session_id"], raw["token"])
+
+
+def parse_sefa_request(data: Any) -> SefaRequest:
+    """Parse the body of ``POST .../directions/sefa``."""
+    body = _object(data)
+    return SefaRequest(parse_layer_spec(body.get("layers")), _bounded_int(body, "k", 5, 1, MAX_SEFA_VECTORS))
+
+
+def parse_text_request(data: Any) -> TextRequest:
+    """Parse the body of ``POST .../directions/text``."""
+    body = _object(data)
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not 0 < len(prompt.strip()) <= MAX_PROMPT_CHARS:
+        raise bad_request(f'"prompt" must be a non-empty string of at most {MAX_PROMPT_CHARS} characters')
+    layers = body.get("layers")
+    return TextRequest(prompt.strip(), None if layers is None else parse_layer_spec(layers))
+
+
+def parse_mix_request(data: Any) -> MixRequest:
+    """Parse the body of ``POST /api/tools/mix``."""
+    body = _object(data)
+    faces = body.get("faces")
+    if not isinstance(faces, list) or len(faces) != 2:
+        raise bad_request('"faces" must list exactly two faces', "bad_face")
+    pair = (parse_face_ref(faces[0]), parse_face_ref(faces[1]))
+    if "percent" in body:
+        return MixRequest(pair, percent=_bounded_float(body, "percent", 50.0, -200.0, 300.0))
+    return MixRequest(pair, layers=parse_layer_spec(body.get("layers", "coarse")))
+
+
+def parse_morph_request(data: Any) -> MorphRequest:
+    """Parse the body of ``POST /api/tools/morph``."""
+    body = _object(data)
+    faces = body.get("faces")
+    if not isinstance(faces, list) or not 2 <= len(faces) <= MAX_MORPH_FACES:
+        raise bad_request(f'"faces" must list 2 to {MAX_MORPH_FACES} faces', "bad_face")
+    per_transition = _bounded_int(body, "frames_per_transition", 24, 2, 120)
+    loop = body.get("loop", False)
+    if not isinstance(loop, bool):
+        raise bad_request('"loop" must be true or false')
+    kind = _video_type(body)
+    return MorphRequest(tuple(parse_face_ref(face) for face in faces), per_transition, loop, kind)
+
+
+def parse_loop_request(data: Any) -> LoopRequest:
+    """Parse the body of ``POST /api/tools/loop``."""
+    body = _object(data)
+    face = parse_face_ref(body.get("face"))
+    layers = body.get("layers")
+    return LoopRequest(
+        face=face,
+        layers=None if layers is None else parse_layer_spec(layers),
+        frames=_bounded_int(body, "frames", 48, 8, MAX_VIDEO_FRAMES),
+        amplitude=_bounded_float(body, "amplitude", 1.0, 0.0, 5.0),
+        seed=_bounded_int(body, "seed", 0, 0, 2**31 - 1),
+        format=_video_type(body),
+    )

@@ -18,8 +18,9 @@ import torch
 from fluidsrv import latents
 from fluidsrv.direction_files import DirectionsUnavailableError
 from fluidsrv.models.stylegan2 import Generator, GeneratorConfig
+from fluidsrv.pipeline import StageBundle
 from fluidsrv.plugins import PluginError, StageCatalog, catalog_for
-from fluidsrv.sessions import Session
+from fluidsrv.session.model import EditState, Prepared
 from fluidsrv.settings import Settings
 from fluidsrv.stages import Detector, Direction, Encoder, Inpainter, Previewer, PreviewRenderer, Segmenter
 from fluidsrv.weights import load_generator
@@ -73,53 +74,6 @@ def load_base_generator(spec: str, weights_dir: Path) -> tuple[Generator, Genera
         path = Path(spec).expanduser()
     generator, _ = load_generator(path)
     return generator, GeneratorSource(str(path), trained=True)
-
-
-MAX_SESSION_DIRECTIONS = 64
-"""Directions one session may add; the oldest go first."""
-
-
-def session_directions(session: Session) -> dict[str, Direction]:
-    """Return the directions ``session`` added (stored as ``direction:<name>`` tensors + JSON facts in meta)."""
-    facts: dict[str, dict[str, Any]] = session.meta.get("directions", {})
-    found = {}
-    for name, fact in facts.items():
-        vector = session.extra_tensors.get(f"direction:{name}")
-        if vector is None:
-            continue
-        layers = fact.get("layers")
-        found[name] = Direction(
-            name=name,
-            label=str(fact["label"]),
-            vector=vector,
-            layers=(int(layers[0]), int(layers[1])) if layers else None,
-            slider_range=(float(fact["range"][0]), float(fact["range"][1])),
-            group=str(fact.get("group", "")),
-            provenance=str(fact.get("provenance", "")),
-        )
-    return found
-
-
-def add_session_directions(session: Session, directions: list[Direction]) -> None:
-    """Store ``directions`` in ``session`` (replacing same names); keep at most MAX_SESSION_DIRECTIONS, newest."""
-    facts: dict[str, dict[str, Any]] = dict(session.meta.get("directions", {}))
-    tensors = dict(session.extra_tensors)
-    for direction in directions:
-        facts.pop(direction.name, None)  # re-adding moves it to the end (newest)
-        facts[direction.name] = {
-            "label": direction.label,
-            "layers": list(direction.layers) if direction.layers else None,
-            "range": list(direction.slider_range),
-            "group": direction.group,
-            "provenance": direction.provenance,
-        }
-        tensors[f"direction:{direction.name}"] = direction.vector.detach().float().cpu().contiguous()
-    for name in list(facts)[: max(0, len(facts) - MAX_SESSION_DIRECTIONS)]:
-        del facts[name]
-        tensors.pop(f"direction:{name}", None)
-    session.extra_tensors = tensors
-    version = int(session.meta.get("directions_version", 0)) + 1
-    session.meta = {**session.meta, "directions": facts, "directions_version": version}
 
 
 class TunedModels:
@@ -289,25 +243,34 @@ class Runtime:
             direction = replace(direction, name=f"{direction.name}@{start}:{stop}", layers=layers)
         return direction
 
-    def directions_for(self, session: Session) -> dict[str, Direction]:
-        """The sliders of ``session``: the shared directions and the ones it added (SeFa ranges, prompts).
+    def directions_for(self, session_id: str, edit: EditState) -> dict[str, Direction]:
+        """The sliders of a session: the shared directions and the ones it added (SeFa ranges, prompts).
 
         The merged mapping is remembered per session and version, so the slider model's cache (keyed by the
         identity of the Direction objects) keeps working across previews.
         """
-        if not session.meta.get("directions"):
+        if not edit.directions:
             return self.directions
-        key = (self._directions_generation, int(session.meta.get("directions_version", 0)))
+        key = (self._directions_generation, edit.version)
         with self._lock:
-            cached = self._session_directions.get(session.id)
+            cached = self._session_directions.get(session_id)
         if cached is not None and cached[0] == key:
             return cached[1]
-        merged = {**self.directions, **session_directions(session)}
+        merged = {**self.directions, **edit.directions}
         with self._lock:
-            self._session_directions[session.id] = (key, merged)
+            self._session_directions[session_id] = (key, merged)
             while len(self._session_directions) > 4 * self.tuned.capacity:
                 self._session_directions.pop(next(iter(self._session_directions)))
         return merged
+
+    def stages(self) -> StageBundle:
+        """The generator, the active stage plugins and the edit settings, as the pipeline takes them."""
+        settings = self.settings
+        return StageBundle(
+            generator=self.generator, detector=self.stage("detector"), encoder=self.stage("encoder"),
+            segmenter=self.stage("segmenter"), inpainter=self.stage("inpainter"), previewer=self.stage("previewer"),
+            device=self.device, finetune=settings.finetune, finetune_steps=settings.finetune_steps,
+            photo_detail=settings.photo_detail)
 
     def text_unavailable(self) -> str | None:
         """Why text-prompt directions cannot be made, or None when they can."""
@@ -326,24 +289,18 @@ class Runtime:
         if stage == "previewer":
             self.tuned.clear()
 
-    def session_models(self, session: Session) -> tuple[Generator, PreviewRenderer]:
+    def session_models(self, session_id: str, prepared: Prepared) -> tuple[Generator, PreviewRenderer]:
         """Return the session's tuned generator and preview renderer, rebuilding them after a restore."""
-        version = int(session.meta.get("model_version", 0))
-        cached = self.tuned.get(session.id, version)
+        cached = self.tuned.get(session_id, prepared.version)
         if cached is not None:
             return cached
         from fluidsrv.pti import apply_delta
 
-        generator = apply_delta(self.generator, session.generator_delta) if session.generator_delta else self.generator
-        renderer = self.stage("previewer").restore(generator, session.student_state)
-        self.tuned.put(session.id, version, generator, renderer)
+        delta = dict(prepared.generator_delta)
+        generator = apply_delta(self.generator, delta) if delta else self.generator
+        renderer = self.stage("previewer").restore(generator, dict(prepared.student_state))
+        self.tuned.put(session_id, prepared.version, generator, renderer)
         return generator, renderer
-
-    def remember_models(self, session: Session, generator: Generator, renderer: PreviewRenderer) -> None:
-        """Cache freshly built models of ``session`` under a new version number."""
-        version = int(session.meta.get("model_version", 0)) + 1
-        session.meta = {**session.meta, "model_version": version}
-        self.tuned.put(session.id, version, generator, renderer)
 
     def describe(self) -> dict[str, Any]:
         """Return the JSON-ready description of the models for ``/api/config``."""

@@ -26,6 +26,10 @@ T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
 
 
+class PluginError(RuntimeError):
+    """A stage plugin is unknown, unavailable or failed to build."""
+
+
 @dataclass(frozen=True)
 class Progress:
     """One step of a long job: which stage, how far, and optionally an intermediate frame."""
@@ -57,7 +61,7 @@ class Face:
 
     @property
     def area(self) -> float:
-        """Area of the box in pixels (faces are ordered by it, largest first)."""
+        """Area of the box in pixels."""
         x0, y0, x1, y1 = self.box
         return max(0.0, x1 - x0) * max(0.0, y1 - y0)
 
@@ -233,7 +237,7 @@ class PluginContext:
     def stage(self, kind: StageName, name: str, options: Mapping[str, Any] | None = None) -> Any:
         """Build a new instance of the ``kind`` plugin ``name`` (``options`` replace its configured ones).
 
-        Raises :class:`fluidsrv.plugins.PluginError` when it is unknown or unavailable, or when this context was
+        Raises :class:`PluginError` when it is unknown or unavailable, or when this context was
         not made by a plugin catalog.
         """
         return self._catalog().create(kind, name, options)
@@ -249,7 +253,6 @@ class PluginContext:
 
     def _catalog(self) -> StageLookup:
         if self.catalog is None:
-            from fluidsrv.plugins import PluginError  # lazy: fluidsrv.plugins imports this module
 
             raise PluginError("this plugin context has no plugin catalog: build it with fluidsrv.plugins.catalog_for")
         return self.catalog

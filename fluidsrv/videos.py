@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Generator as StepGenerator
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+from fluidsrv.stages import Progress
 
 if TYPE_CHECKING:
     from fluidsrv.models.stylegan2 import Generator
@@ -85,3 +89,27 @@ def write_video(path: str | Path, frames: np.ndarray | Sequence[np.ndarray], fps
     if suffix == ".gif":
         return write_gif(path, frames, fps)
     raise ValueError(f"unsupported video type {suffix!r}; use one of {', '.join(VIDEO_SUFFIXES)}")
+
+
+VIDEO_BATCH = 8
+"""Frames rendered per executor step of :func:`render_job`, so previews interleave with a video."""
+
+
+def render_job(
+    generator: Generator, path: torch.Tensor, device: torch.device
+) -> StepGenerator[Progress, None, np.ndarray]:
+    """Step job: render latents ``path`` [F, num_ws, w_dim] one batch per step; returns frames [F, H, W, 3]."""
+    batches = []
+    for start in range(0, path.shape[0], VIDEO_BATCH):
+        batch = path[start : start + VIDEO_BATCH].to(device)  # [B, num_ws, w_dim]
+        batches.append(render_frames(generator, batch))  # [B, H, W, 3]
+        yield Progress("render", min(start + VIDEO_BATCH, path.shape[0]), path.shape[0], "rendering frames")
+    return np.concatenate(batches)  # [F, H, W, 3]
+
+
+def encode_video(frames: np.ndarray, kind: str, fps: float = 24.0) -> bytes:
+    """Encode frames [F, H, W, 3] as an MP4 or GIF file (``kind`` "mp4" or "gif") and return its bytes."""
+    with tempfile.TemporaryDirectory(prefix="fluidsrv-video-") as folder:
+        target = Path(folder) / f"video.{kind}"
+        write_video(target, frames, fps=fps)
+        return target.read_bytes()

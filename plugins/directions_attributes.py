@@ -93,7 +93,7 @@ class AttributeDirections:
 
         The scorer comes from the plugin catalog (``context.stage``), so third-party scorers work too.
         """
-        from fluidsrv.training.attribute_directions import compute_attribute_directions  # fitting only
+        from fluidsrv.attribute_directions import compute_attribute_directions  # fitting: only when no cached file fits
 
         scorer = self.context.stage("scorer", self.scorer)
         return compute_attribute_directions(

@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 from starlette.testclient import TestClient
 
-from fluidsrv.app import create_app
 from fluidsrv.protocol import Frame
 from fluidsrv.runtime import Runtime
 from fluidsrv.settings import Settings
+from fluidsrv.web import create_app
 from tests.server_support import SMALL_PHOTO, gradient_image, png_bytes, receive_until, small_settings
 
 
@@ -277,14 +277,14 @@ def test_uploads_are_rate_limited_per_client(settings: Settings, runtime: Runtim
 def test_a_full_server_makes_room_by_deleting_abandoned_uploads(
     settings: Settings, runtime: Runtime, photo: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import fluidsrv.app
+    import fluidsrv.service
 
     full = Settings(**{**vars(settings), "max_sessions": 1})
     with TestClient(create_app(full, runtime=runtime)) as client:
         first = upload(client, photo)
-        monkeypatch.setattr(fluidsrv.app, "ABANDONED_UPLOAD_SECONDS", 3600.0)
+        monkeypatch.setattr(fluidsrv.service, "ABANDONED_UPLOAD_SECONDS", 3600.0)
         assert client.post("/api/sessions", files={"file": ("b.jpg", photo, "image/jpeg")}).status_code == 429
-        monkeypatch.setattr(fluidsrv.app, "ABANDONED_UPLOAD_SECONDS", -1.0)  # every upload counts as abandoned
+        monkeypatch.setattr(fluidsrv.service, "ABANDONED_UPLOAD_SECONDS", -1.0)  # every upload counts as abandoned
         second = upload(client, photo)
         assert client.get(f"/api/sessions/{first['session_id']}", headers=auth(first)).status_code == 404
         assert client.get(f"/api/sessions/{second['session_id']}", headers=auth(second)).status_code == 200

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 from starlette.testclient import TestClient
 
-from fluidsrv.app import create_app
 from fluidsrv.runtime import Runtime
+from fluidsrv.web import create_app
 from tests.server_support import SMALL_PHOTO, receive_until, small_settings
 
 

@@ -16,9 +16,9 @@ import pytest
 from PIL import Image
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
-from fluidsrv.app import create_app
 from fluidsrv.runtime import Runtime
 from fluidsrv.settings import REPO_ROOT
+from fluidsrv.web import create_app
 from tests.browser_support import (
     canvas_pixels,
     chromium_context,

@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fluidsrv.app import create_app
 from fluidsrv.runtime import Runtime
 from fluidsrv.settings import Settings
+from fluidsrv.web import create_app
 from tests.browser_support import canvas_pixels, chromium_context, require_chromium, wait_booted, wait_new_frame
 from tests.server_support import SMALL_PHOTO, LiveServer
 

@@ -125,7 +125,8 @@ def test_dlib_finds_the_people_of_group_photos(
 
 def test_dlib_landmarks_match_the_ffhq_alignment(dlib_detector: Any, photos: Callable[[str], np.ndarray]):
     """An FFHQ-aligned photo re-detected gives (nearly) the identity quad: its own outer corners."""
-    from fluidsrv.geometry import crop_corners, ffhq_quad
+    from fluidsrv.crops import crop_corners
+    from fluidsrv.geometry import ffhq_quad
 
     for name in ("ffhq_aligned_15.png", "ffhq_aligned_16.png", "ffhq_aligned_117.png"):
         face = dlib_detector.detect(photos(name))[0]

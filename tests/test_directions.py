@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fluidsrv import hookspecs
+from fluidsrv.attribute_directions import compute_attribute_directions, fit_attribute_directions
 from fluidsrv.direction_files import DirectionsUnavailableError, attribute_cache_path, load_directions, save_directions
 from fluidsrv.directions import (
     conditional_orthogonalize,
@@ -31,7 +32,6 @@ from fluidsrv.models.stylegan2 import Generator
 from fluidsrv.plugins import StageCatalog
 from fluidsrv.settings import EMBEDDED_WEIGHTS_DIR
 from fluidsrv.stages import Direction, PluginContext, PluginFactory
-from fluidsrv.training.attribute_directions import compute_attribute_directions, fit_attribute_directions
 from tests.model_support import drain, tiny_generator
 
 MY_PLUGINS = (

@@ -12,13 +12,14 @@ import pytest
 from PIL import Image
 from starlette.testclient import TestClient
 
-from fluidsrv.app import PREVIEW_FORMAT, create_app
 from fluidsrv.convert import encode_preview
 from fluidsrv.geometry import align_face, face_landmarks
 from fluidsrv.image_io import decode_image
 from fluidsrv.protocol import decode_frame
 from fluidsrv.runtime import Runtime
+from fluidsrv.service import PREVIEW_FORMAT
 from fluidsrv.settings import Settings, SettingsError
+from fluidsrv.web import create_app
 from tests.server_support import SMALL_PHOTO, receive_until, small_settings
 
 

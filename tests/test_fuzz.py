@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
-from fluidsrv.app import create_app
 from fluidsrv.runtime import Runtime
+from fluidsrv.web import create_app
 from tests.server_support import SMALL_PHOTO, receive_until, small_settings
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -280,8 +280,8 @@ def test_the_plugin_api_is_importable_from_the_package() -> None:
 def test_api_config_lists_the_entry_point_that_failed_to_import(distribution: str, tmp_path: Path) -> None:
     from starlette.testclient import TestClient
 
-    from fluidsrv.app import create_app
     from fluidsrv.runtime import Runtime
+    from fluidsrv.web import create_app
     from tests.server_support import small_settings
 
     settings = small_settings(tmp_path, directions="sefa,attributes")

@@ -9,9 +9,9 @@ from pathlib import Path
 import httpx
 import websockets
 
-from fluidsrv.app import create_app
 from fluidsrv.protocol import decode_frame
 from fluidsrv.runtime import Runtime
+from fluidsrv.web import create_app
 from tests.server_support import SMALL_PHOTO, LiveServer, small_settings
 
 CLIENTS = 20

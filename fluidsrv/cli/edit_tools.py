@@ -322,8 +322,8 @@ def run_directions_list(args: argparse.Namespace) -> int:
 
 def run_directions_compute(args: argparse.Namespace) -> int:
     """Fit the attribute directions of the generator and cache them."""
+    from fluidsrv.attribute_directions import compute_attribute_directions
     from fluidsrv.direction_files import attribute_cache_path
-    from fluidsrv.training.attribute_directions import compute_attribute_directions
 
     if args.samples < 10 or not 0 < args.fraction <= 0.5:
         raise CliError("--samples must be >= 10 and --fraction in (0, 0.5]")

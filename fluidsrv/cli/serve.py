@@ -20,9 +20,9 @@ def run(args: argparse.Namespace) -> int:
     """Start uvicorn with the app built from the settings."""
     import uvicorn
 
-    from fluidsrv.app import create_app
     from fluidsrv.logs import install_redaction
     from fluidsrv.settings import Settings
+    from fluidsrv.web import create_app
 
     settings = Settings.from_env(host=args.host, port=args.port, device=args.device, generator=args.generator)
     config = uvicorn.Config(

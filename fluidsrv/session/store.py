@@ -1,66 +1,47 @@
-"""Per-user editing sessions and the store that keeps them: tokens, memory budget, spill to disk, TTL.
-
-A :class:`Session` is plain data that the pipeline fills in stage by stage (upload → faces → chosen
-face → alignment and crops → ``w`` / ``ws`` → fine-tuned generator delta → student state) plus the
-slider state and its undo/redo history. The :class:`SessionStore` holds them:
+"""The store that keeps sessions: tokens, memory budgets, pins, spill to disk, TTL and LRU.
 
 - every access needs the session's token (``get(session_id, token)``), compared in constant time
   against its SHA-256 digest (only the digest is kept and written to disk); an unknown id raises
   :class:`UnknownSessionError` (404), a wrong token :class:`BadTokenError` (401), too many sessions
   :class:`TooManySessionsError` (429);
-- the tensors held by in-memory sessions are kept under a byte budget: least-recently-used
-  sessions spill to a ``diskcache.Cache`` under ``data_dir`` and come back transparently on the next
-  ``get``; a new store on the same directory finds every session written there (``close()`` writes
-  all in-memory sessions, so a restarted server restores them);
+- the tensors held by in-memory sessions are kept under a byte budget (and their host arrays under another):
+  least-recently-used sessions spill to a ``diskcache.Cache`` under ``data_dir`` (in the codec of
+  :mod:`fluidsrv.session.spill`) and come back transparently on the next ``get``; a new store on the same
+  directory finds every session written there (``close()`` writes all in-memory sessions, so a restarted
+  server restores them);
 - sessions idle longer than the TTL are deleted with everything they wrote (``expire()``);
 - pinned sessions (``with store.pinned(session):`` while a job or a websocket uses one) are never
   evicted or expired, so the object a job mutates is never dropped underneath it.
 
-Spill format (no pickle anywhere, so restoring runs no code): per session three byte strings,
-``session/<id>/meta`` (JSON), ``.../arrays`` (safetensors of numpy arrays) and ``.../tensors``
-(safetensors of torch tensors), written in one transaction; the cache refuses to store or load
-anything that is not bytes.
-
 Threading: every store method takes one lock, so the event loop and the device worker may both
 call it. ``get`` may read from disk and copy tensors to the device; ``check`` never does, so async
-routes can reject bad requests cheaply and run ``get`` on the executor. Mutate a session's tensor
-dicts by assigning new dicts rather than in place while another thread may read them.
+routes can reject bad requests cheaply and run ``get`` on a thread.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import logging
-import math
 import re
 import secrets
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import diskcache
-import numpy as np
-import safetensors.numpy
-import safetensors.torch
 import torch
 
 from fluidsrv.errors import UserError
-from fluidsrv.stages import Face
+from fluidsrv.session import spill
+from fluidsrv.session.model import EditState, Session, SliderHistory, Upload
 
 logger = logging.getLogger(__name__)
-
-SPILL_FORMAT = 1
-"""Version of the on-disk session format; entries of another version are discarded."""
-
-Record = dict[str, Any]
-"""A mixed record such as ``Alignment.to_dict()``: numpy arrays plus JSON values (str, numbers, lists, dicts)."""
 
 _SESSION_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -94,135 +75,10 @@ class TooManySessionsError(SessionError):
 
 
 class SessionStateError(SessionError):
-    """A session holds something that cannot be written to disk (e.g. an object array)."""
+    """A session holds something that cannot be written to disk."""
 
     status = 500
     code = "session_state"
-
-
-@dataclass
-class SliderHistory:
-    """Bounded undo/redo stacks of committed slider states (oldest dropped first).
-
-    ``committed`` is the newest committed state: live states sent while a slider is dragged are not
-    history, only the state at release (a commit) is.
-    """
-
-    limit: int = 100
-    undo_stack: list[dict[str, float]] = field(default_factory=list)
-    redo_stack: list[dict[str, float]] = field(default_factory=list)
-    committed: dict[str, float] = field(default_factory=dict)
-
-    def commit(self, state: Mapping[str, float]) -> None:
-        """Make ``state`` the newest committed state; the previous one becomes undoable, redo is cleared."""
-        new = dict(state)
-        if new == self.committed:
-            return
-        self.undo_stack.append(self.committed)
-        del self.undo_stack[: max(0, len(self.undo_stack) - self.limit)]
-        self.redo_stack.clear()
-        self.committed = new
-
-    def undo(self) -> dict[str, float] | None:
-        """Step back to the previous committed state and return it, or None when there is none."""
-        if not self.undo_stack:
-            return None
-        self.redo_stack.append(self.committed)
-        self.committed = self.undo_stack.pop()
-        return dict(self.committed)
-
-    def redo(self) -> dict[str, float] | None:
-        """Step forward to the state undone last and return it, or None."""
-        if not self.redo_stack:
-            return None
-        self.undo_stack.append(self.committed)
-        self.committed = self.redo_stack.pop()
-        return dict(self.committed)
-
-
-@dataclass(eq=False)
-class Session:
-    """One user's editing state; the pipeline fills the fields in as the stages complete."""
-
-    id: str
-    token_digest: str  # SHA-256 hex of the token; the token itself is only returned by create()
-    created_at: float  # wall-clock seconds (time.time()), survive a restart
-    last_used: float
-    upload: bytes = b""  # the original uploaded file, byte for byte
-    image: np.ndarray | None = None  # uint8 [H, W, 3] RGB, the decoded upload
-    faces: list[Face] = field(default_factory=list)  # largest first
-    face_index: int | None = None  # the chosen face
-    alignment: Record | None = None  # e.g. geometry.Alignment.to_dict(); restored with from_dict()
-    inner_crop: np.ndarray | None = None  # uint8 [R, R, 3] aligned face at generator resolution
-    outer_crop: np.ndarray | None = None  # uint8 [R2, R2, 3] wider aligned crop for paste-back
-    w: torch.Tensor | None = None  # [1, w_dim]
-    ws: torch.Tensor | None = None  # [1, num_ws, w_dim]
-    generator_delta: dict[str, torch.Tensor] = field(default_factory=dict)  # fine-tuned minus base (or low-rank)
-    student_state: dict[str, torch.Tensor] = field(default_factory=dict)  # the tuned previewer's state dict
-    sliders: dict[str, float] = field(default_factory=dict)  # direction name -> slider value
-    history: SliderHistory = field(default_factory=SliderHistory)
-    extra_arrays: dict[str, np.ndarray] = field(default_factory=dict)  # any other numpy state (masks, ...)
-    extra_tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # any other tensors
-    meta: dict[str, Any] = field(default_factory=dict)  # small JSON-serialisable facts (stage, file name, ...)
-
-    @property
-    def face(self) -> Face | None:
-        """The chosen face, if one was chosen."""
-        if self.face_index is None or not 0 <= self.face_index < len(self.faces):
-            return None
-        return self.faces[self.face_index]
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """Every tensor the session holds, by its spill name (``w``, ``generator_delta/<key>``, ...)."""
-        named: dict[str, torch.Tensor] = {}
-        if self.w is not None:
-            named["w"] = self.w
-        if self.ws is not None:
-            named["ws"] = self.ws
-        for prefix, group in (("generator_delta", self.generator_delta), ("student_state", self.student_state),
-                              ("extra", self.extra_tensors)):
-            for key, tensor in tuple(group.items()):
-                named[f"{prefix}/{key}"] = tensor
-        return named
-
-    def tensor_bytes(self) -> int:
-        """Bytes of tensor data the session holds (what the store's device-memory budget counts)."""
-        return sum(tensor.numel() * tensor.element_size() for tensor in self.tensors().values())
-
-    def host_bytes(self) -> int:
-        """Bytes the session holds in host memory: the upload, its pixels, crops and other arrays."""
-        arrays = [self.image, self.inner_crop, self.outer_crop, *self.extra_arrays.values()]
-        if self.alignment is not None:
-            arrays += [value for value in self.alignment.values() if isinstance(value, np.ndarray)]
-        return len(self.upload) + sum(array.nbytes for array in arrays if array is not None)
-
-    def set_sliders(self, values: Mapping[str, float], *, record: bool = True) -> None:
-        """Make ``values`` the slider state; with ``record`` it is committed (the previous commit is undoable)."""
-        new = {str(name): float(value) for name, value in values.items()}
-        if not all(math.isfinite(value) for value in new.values()):
-            raise ValueError("slider values must be finite numbers")
-        if record:
-            self.history.commit(new)
-        self.sliders = new
-
-    def undo(self) -> bool:
-        """Go back one step: first to the last commit if uncommitted changes are shown; return whether it moved."""
-        if self.sliders != self.history.committed:
-            self.sliders = dict(self.history.committed)
-            return True
-        previous = self.history.undo()
-        if previous is None:
-            return False
-        self.sliders = previous
-        return True
-
-    def redo(self) -> bool:
-        """Re-apply the slider state undone last; return whether there was one."""
-        following = self.history.redo()
-        if following is None:
-            return False
-        self.sliders = following
-        return True
 
 
 @dataclass(frozen=True)
@@ -325,10 +181,8 @@ class SessionStore:
 
     # ---- lifecycle ---------------------------------------------------------------------------------
 
-    def create(self, *, upload: bytes = b"", image: np.ndarray | None = None) -> tuple[Session, str]:
+    def create(self, upload: Upload) -> tuple[Session, str]:
         """Create a session for an upload; return it with its token (shown to the client once)."""
-        if image is not None:
-            assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3, "image must be uint8 [H, W, 3]"
         with self._lock:
             self._check_open()
             if len(self) >= self.max_sessions:
@@ -338,8 +192,8 @@ class SessionStore:
             token = secrets.token_urlsafe(32)
             now = self._clock()
             session = Session(id=secrets.token_hex(16), token_digest=token_digest(token), created_at=now,
-                              last_used=now, upload=upload, image=image,
-                              history=SliderHistory(limit=self.history_limit))
+                              last_used=now, upload=upload,
+                              edit=EditState(history=SliderHistory(limit=self.history_limit)))
             self._live[session.id] = session
             self._digests[session.id] = session.token_digest
             self._enforce_budget(keep=session.id)
@@ -587,7 +441,7 @@ class SessionStore:
             blobs = [self._cache.get(_key(session_id, part)) for part in _PARTS]
             if any(blob is None for blob in blobs):
                 raise ValueError("incomplete entry")
-            session = _decode(*blobs, device=self.device, history_limit=self.history_limit)
+            session = spill.decode(*blobs, device=self.device, history_limit=self.history_limit)
         except Exception as error:
             logger.exception("session %s on disk is unreadable; deleting it", session_id)
             self._remove(session_id)
@@ -599,7 +453,10 @@ class SessionStore:
 
     def _write(self, session: Session) -> None:
         """Write the session's three parts in one transaction (the meta part last, as the commit marker)."""
-        meta, arrays, tensors = _encode(session)
+        try:
+            meta, arrays, tensors = spill.encode(session)
+        except Exception as error:
+            raise SessionStateError(f"session {session.id} holds state that cannot be written: {error}") from error
         with self._cache.transact(retry=True):
             self._cache.set(_key(session.id, "arrays"), arrays, retry=True)
             self._cache.set(_key(session.id, "tensors"), tensors, retry=True)
@@ -628,9 +485,9 @@ class SessionStore:
             try:
                 if not _SESSION_ID.fullmatch(session_id) or not found.issuperset(_PARTS):
                     raise ValueError(f"incomplete entry with parts {sorted(found)}")
-                meta = json.loads(self._cache.get(_key(session_id, "meta")))
-                if meta.get("format") != SPILL_FORMAT or meta.get("id") != session_id:
-                    raise ValueError("unknown format")
+                meta = spill.header(self._cache.get(_key(session_id, "meta")))
+                if meta["id"] != session_id:
+                    raise ValueError("the entry names another session")
                 self._on_disk[session_id] = _DiskEntry(
                     str(meta["token_digest"]), float(meta["created_at"]), float(meta["last_used"]))
                 self._digests[session_id] = str(meta["token_digest"])
@@ -647,88 +504,3 @@ _PARTS = ("meta", "arrays", "tensors")
 
 def _key(session_id: str, part: str) -> str:
     return f"session/{session_id}/{part}"
-
-
-# ---- the spill format ---------------------------------------------------------------------------------
-
-
-def _encode(session: Session) -> tuple[bytes, bytes, bytes]:
-    """Serialize a session into (meta JSON, numpy safetensors, torch safetensors) bytes."""
-    arrays: dict[str, np.ndarray] = {"upload": np.frombuffer(session.upload, dtype=np.uint8)}
-    for name in ("image", "inner_crop", "outer_crop"):
-        value = getattr(session, name)
-        if value is not None:
-            arrays[name] = value
-    for index, face in enumerate(session.faces):
-        arrays[f"faces/{index}/landmarks5"] = face.landmarks5
-        if face.landmarks68 is not None:
-            arrays[f"faces/{index}/landmarks68"] = face.landmarks68
-    alignment_json: dict[str, Any] | None = None
-    if session.alignment is not None:
-        alignment_json = {}
-        for key, value in session.alignment.items():
-            if isinstance(value, np.ndarray):
-                arrays[f"alignment/{key}"] = value
-            else:
-                alignment_json[key] = value.item() if isinstance(value, np.generic) else value
-    for key, array in session.extra_arrays.items():
-        arrays[f"extra/{key}"] = array
-    meta = {
-        "format": SPILL_FORMAT,
-        "id": session.id,
-        "token_digest": session.token_digest,
-        "created_at": session.created_at,
-        "last_used": session.last_used,
-        "faces": [{"box": list(face.box), "score": face.score} for face in session.faces],
-        "face_index": session.face_index,
-        "alignment": alignment_json,
-        "sliders": session.sliders,
-        "undo": session.history.undo_stack,
-        "redo": session.history.redo_stack,
-        "committed": session.history.committed,
-        "meta": session.meta,
-    }
-    tensors = {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in session.tensors().items()}
-    try:
-        meta_bytes = json.dumps(meta, allow_nan=False).encode("utf-8")
-        array_bytes = safetensors.numpy.save({key: np.ascontiguousarray(value) for key, value in arrays.items()})
-        tensor_bytes = safetensors.torch.save(tensors)
-    except Exception as error:
-        raise SessionStateError(f"session {session.id} holds state that cannot be written: {error}") from error
-    return meta_bytes, array_bytes, tensor_bytes
-
-
-def _decode(meta_bytes: bytes, array_bytes: bytes, tensor_bytes: bytes, *, device: torch.device,
-            history_limit: int) -> Session:
-    """Rebuild a session from its three spilled parts, tensors on ``device``."""
-    meta = json.loads(meta_bytes)
-    if meta.get("format") != SPILL_FORMAT:
-        raise ValueError(f"unknown session format {meta.get('format')!r}")
-    arrays = safetensors.numpy.load(array_bytes)
-    tensors = {name: tensor.to(device) for name, tensor in safetensors.torch.load(tensor_bytes).items()}
-
-    def group(source: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-        return {name.removeprefix(prefix): value for name, value in source.items() if name.startswith(prefix)}
-
-    faces = [_decode_face(index, face, arrays) for index, face in enumerate(meta["faces"])]
-    alignment: Record | None = None
-    if meta["alignment"] is not None:
-        alignment = {**meta["alignment"], **group(arrays, "alignment/")}
-    history = SliderHistory(limit=history_limit, undo_stack=meta["undo"], redo_stack=meta["redo"],
-                            committed=meta.get("committed", meta["sliders"]))
-    return Session(
-        id=meta["id"], token_digest=meta["token_digest"], created_at=meta["created_at"],
-        last_used=meta["last_used"], upload=arrays["upload"].tobytes(), image=arrays.get("image"),
-        faces=faces, face_index=meta["face_index"], alignment=alignment, inner_crop=arrays.get("inner_crop"),
-        outer_crop=arrays.get("outer_crop"), w=tensors.get("w"), ws=tensors.get("ws"),
-        generator_delta=group(tensors, "generator_delta/"), student_state=group(tensors, "student_state/"),
-        sliders={name: float(value) for name, value in meta["sliders"].items()}, history=history,
-        extra_arrays=group(arrays, "extra/"), extra_tensors=group(tensors, "extra/"), meta=meta["meta"],
-    )
-
-
-def _decode_face(index: int, face: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Face:
-    """Rebuild the ``index``-th face from its JSON part (box, score) and its landmark arrays."""
-    x0, y0, x1, y1 = (float(value) for value in face["box"])
-    return Face(box=(x0, y0, x1, y1), score=float(face["score"]), landmarks5=arrays[f"faces/{index}/landmarks5"],
-                landmarks68=arrays.get(f"faces/{index}/landmarks68"))

@@ -1,0 +1,584 @@
+"""The editing service: every use case of the product, with no HTTP in sight.
+
+:class:`EditService` owns a session's life: creating it from an upload, preparing a face as a background
+job, previews, slider history, finalize, on-demand directions and the latent tools. It moves the status
+(:class:`~fluidsrv.session.model.Status`), persists sessions at every committed change, keeps the table of
+running jobs, cancels a job when its last subscriber leaves and expires idle sessions. What happens is
+published as :data:`Event` values to the subscribers of a session (the web's websockets, the CLI's progress
+bar). Device work goes through the one :class:`~fluidsrv.executor.GpuExecutor`; image composition and
+encoding run on threads off its worker, so they never delay another session's preview.
+
+The web layer imports this module (and :mod:`fluidsrv.protocol`) only; the names it needs from the layers
+below are re-exported here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fluidsrv import latents, pipeline
+from fluidsrv.convert import encode_preview
+from fluidsrv.errors import UserError
+from fluidsrv.executor import SUPERSEDED, ExecutorError, GpuExecutor, Priority
+from fluidsrv.image_io import decode_image, encode_image, face_thumbnail
+from fluidsrv.plugins import PluginError, PluginInfo
+from fluidsrv.protocol import (
+    FaceRef,
+    LayerSpec,
+    LoopRequest,
+    MixRequest,
+    MorphRequest,
+    SefaRequest,
+    TextRequest,
+)
+from fluidsrv.runtime import Runtime
+from fluidsrv.session.model import JobProgress, Session, Status, StatusError, Upload
+from fluidsrv.session.store import SessionError, SessionStore, StoreStats, TooManySessionsError
+from fluidsrv.settings import Settings
+from fluidsrv.stages import Direction, Face, Progress
+from fluidsrv.videos import encode_video, render_frames, render_job
+
+__all__ = [
+    "PREVIEW_FORMAT",
+    "DeletedEvent",
+    "Direction",
+    "EditService",
+    "Event",
+    "Face",
+    "FailedEvent",
+    "FinalizedEvent",
+    "PluginInfo",
+    "ProgressEvent",
+    "ReadyEvent",
+    "Session",
+    "SessionError",
+    "Status",
+    "StoreStats",
+]
+
+log = logging.getLogger(__name__)
+
+PREVIEW_FORMAT = "webp"
+EXPIRY_INTERVAL_SECONDS = 60.0
+ABANDONED_UPLOAD_SECONDS = 120.0  # a full server may delete uploads idle this long whose face was never picked
+THUMBNAIL_SIDE = 96
+MAX_VIDEO_FRAMES = 480
+
+
+# ---- events ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """A running job's step, with its intermediate image (encoded as PREVIEW_FORMAT) when it has one."""
+
+    session_id: str
+    progress: JobProgress
+    frame: bytes | None = None
+
+
+@dataclass(frozen=True)
+class ReadyEvent:
+    """A face was prepared: the session is ready for sliders."""
+
+    session: Session
+
+
+@dataclass(frozen=True)
+class FailedEvent:
+    """Preparing failed; ``message`` says why."""
+
+    session_id: str
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class FinalizedEvent:
+    """The finalized photo can be downloaded."""
+
+    session_id: str
+
+
+@dataclass(frozen=True)
+class DeletedEvent:
+    """The session was deleted."""
+
+    session_id: str
+
+
+Event = ProgressEvent | ReadyEvent | FailedEvent | FinalizedEvent | DeletedEvent
+Subscriber = Callable[[Event], None]
+
+
+def _user_message(error: BaseException) -> str:
+    return str(error) or type(error).__name__
+
+
+class EditService:
+    """The use cases of the product over one runtime, one session store and one device executor."""
+
+    def __init__(self, runtime: Runtime, store: SessionStore, executor: GpuExecutor,
+                 settings: Settings | None = None) -> None:
+        self.runtime = runtime
+        self.settings: Settings = settings or runtime.settings  # the server's limits (models: runtime.settings)
+        self.store = store
+        self.executor = executor
+        self._jobs: dict[str, asyncio.Task[Any]] = {}
+        self._latest_progress: dict[str, ProgressEvent] = {}
+        self._subscribers: dict[str, dict[int, Subscriber]] = {}
+        self._next_subscription = 0
+        self._background: set[asyncio.Task[Any]] = set()
+        self._expiry: asyncio.Task[None] | None = None
+
+    # ---- lifecycle -----------------------------------------------------------------------------------------
+
+    @classmethod
+    async def start(cls, settings: Settings, runtime: Runtime | None = None) -> EditService:
+        """Load the runtime (unless given), open the session store and start the device executor."""
+        loaded = runtime if runtime is not None else await asyncio.to_thread(Runtime.build, settings)
+        store = SessionStore(
+            settings.data_dir, device=loaded.device, memory_budget_bytes=settings.session_memory_budget_bytes,
+            host_budget_bytes=settings.session_host_budget_bytes, ttl_seconds=settings.session_ttl_seconds,
+            max_sessions=settings.max_sessions)
+        executor = GpuExecutor(loaded.device, on_out_of_memory=functools.partial(_free_memory, loaded, store))
+        executor.start()
+        service = cls(loaded, store, executor, settings)
+        service._expiry = asyncio.create_task(service._expire_periodically())
+        return service
+
+    async def close(self) -> None:
+        """Cancel the running jobs, stop the executor and write every session to disk."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+        for job in list(self._jobs.values()):
+            job.cancel()
+        await self.executor.shutdown()
+        await asyncio.to_thread(self.store.close)
+
+    def spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
+        """Run ``coroutine`` in the background, holding a reference until it finishes."""
+        task = asyncio.ensure_future(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # ---- events --------------------------------------------------------------------------------------------
+
+    def subscribe(self, session_id: str, subscriber: Subscriber) -> Callable[[], None]:
+        """Call ``subscriber`` with every event of the session; returns the unsubscribe function.
+
+        When the last subscriber of a session leaves while it is preparing, that job is cancelled (nobody
+        waits for it any more).
+        """
+        self._next_subscription += 1
+        key = self._next_subscription
+        self._subscribers.setdefault(session_id, {})[key] = subscriber
+
+        def unsubscribe() -> None:
+            remaining = self._subscribers.get(session_id, {})
+            remaining.pop(key, None)
+            if not remaining:
+                self._subscribers.pop(session_id, None)
+                if session_id in self._jobs:
+                    self.executor.cancel_owner(session_id)
+
+        return unsubscribe
+
+    def latest_progress(self, session_id: str) -> ProgressEvent | None:
+        """The last progress event of the session's running job (for a client that joins it), or None."""
+        return self._latest_progress.get(session_id)
+
+    def _publish(self, session_id: str, event: Event) -> None:
+        for subscriber in list(self._subscribers.get(session_id, {}).values()):
+            try:
+                subscriber(event)
+            except Exception:
+                log.exception("an event subscriber of session %s failed", session_id[:8])
+
+    def _progress_handler(self, session: Session) -> Callable[[Progress], None]:
+        def forward(progress: Progress) -> None:
+            facts = JobProgress(progress.stage, progress.step, progress.total, progress.message)
+            session.progress = facts
+            previous = self._latest_progress.get(session.id)
+            frame = previous.frame if previous is not None else None
+            if progress.frame is not None:
+                frame = encode_preview(progress.frame, PREVIEW_FORMAT)
+            event = ProgressEvent(session.id, facts, frame if progress.frame is not None else None)
+            self._latest_progress[session.id] = ProgressEvent(session.id, facts, frame)
+            self._publish(session.id, event)
+
+        return forward
+
+    # ---- sessions ------------------------------------------------------------------------------------------
+
+    async def create(self, data: bytes, filename: str | None = None) -> tuple[Session, str]:
+        """Create a session from an uploaded photo; return it and its token. Refuses photos without a face."""
+        settings = self.settings
+        decoded = await asyncio.to_thread(
+            decode_image, data, max_pixels=settings.max_pixels, max_bytes=settings.max_upload_bytes)
+        detector = self.runtime.stage("detector")
+        faces = await asyncio.to_thread(pipeline.detect_faces, detector, decoded.pixels)
+        if not faces:
+            raise UserError("no face was found in this photo; try a photo where a face is clearly visible",
+                            status=422, code="no_face")
+        upload = Upload(data=bytes(data), pixels=decoded.pixels, metadata=decoded.metadata, filename=filename,
+                        faces=faces)
+        session, token = await asyncio.to_thread(self._create_room_for, upload)
+        await asyncio.to_thread(self.store.persist, session)
+        return session, token
+
+    def _create_room_for(self, upload: Upload) -> tuple[Session, str]:
+        """Create a session; when the server is full, first delete the oldest abandoned upload (no face picked)."""
+        try:
+            return self.store.create(upload)
+        except TooManySessionsError:
+            deadline = time.time() - ABANDONED_UPLOAD_SECONDS
+            removed = self.store.remove_oldest(
+                lambda session: session.status == Status.UPLOADED and session.last_used < deadline)
+            if removed is None:
+                raise
+            log.info("the server is full: deleted abandoned upload %s", removed[:8])
+            return self.store.create(upload)
+
+    async def open(self, session_id: str, token: str) -> Session:
+        """Return the session, authorised by its token (restored from disk when it was spilled)."""
+        self.store.check(session_id, token)
+        session = await asyncio.to_thread(self.store.get, session_id, token)
+        if session.status == Status.PREPARING and session_id not in self._jobs:
+            # the server stopped while this face was being prepared: the client must pick it again
+            session.move_to(Status.INTERRUPTED)
+        return session
+
+    def pin(self, session: Session) -> Callable[[], None]:
+        """Keep the session in memory while a client uses it; returns the release function."""
+        self.store.pin(session)
+        return functools.partial(self.store.unpin, session)
+
+    async def delete(self, session: Session, token: str) -> None:
+        """Delete a session, its jobs and everything it stored; subscribers get a DeletedEvent."""
+        self.executor.cancel_owner(session.id)
+        job = self._jobs.pop(session.id, None)
+        if job is not None:
+            job.cancel()
+        self._publish(session.id, DeletedEvent(session.id))
+        self.runtime.tuned.forget(session.id)
+        await asyncio.to_thread(self.store.delete, session.id, token)
+
+    async def face_thumbnails(self, session: Session) -> list[bytes]:
+        """JPEG thumbnails of the session's faces, in face order."""
+        def encode_all() -> list[bytes]:
+            pixels = session.upload.pixels
+            return [encode_image(face_thumbnail(pixels, face.box, size=THUMBNAIL_SIDE), "jpeg", quality=85)
+                    for face in session.faces]
+
+        return await asyncio.to_thread(encode_all)
+
+    def is_busy(self, session: Session) -> bool:
+        """Whether a job of the session is running."""
+        job = self._jobs.get(session.id)
+        return job is not None and not job.done()
+
+    def _refuse_if_busy(self, session: Session) -> None:
+        if self.is_busy(session):
+            raise UserError("this session is already working; wait for the current job to finish", status=409,
+                            code="busy")
+
+    # ---- prepare -------------------------------------------------------------------------------------------
+
+    async def prepare(self, session: Session, face_index: int) -> None:
+        """Start preparing a face (align → encode → fine-tune → distil) as a job; progress goes to subscribers."""
+        if not 0 <= face_index < len(session.faces):
+            raise UserError(f"face index {face_index} is out of range (found {len(session.faces)} faces)",
+                            status=422, code="bad_face_index")
+        self._refuse_if_busy(session)
+        session.move_to(Status.PREPARING)
+        self._jobs[session.id] = asyncio.create_task(self._prepare(session, face_index))
+
+    async def wait(self, session: Session) -> None:
+        """Wait until the session's running job (if any) has ended."""
+        job = self._jobs.get(session.id)
+        if job is not None:
+            await asyncio.gather(job, return_exceptions=True)
+
+    async def _prepare(self, session: Session, face_index: int) -> None:
+        stages = self.runtime.stages()
+        version = (session.prepared.version if session.prepared is not None else 0) + 1
+        upload = session.upload
+        with self.store.pinned(session):
+            try:
+                made = await self.executor.run_job(
+                    lambda: pipeline.prepare(stages, upload.pixels, upload.faces, face_index, version=version),
+                    priority=Priority.ENCODE, owner=session.id, on_progress=self._progress_handler(session))
+            except asyncio.CancelledError:
+                session.move_to(Status.CANCELLED)
+                return
+            except Exception as error:
+                log.exception("preparing session %s failed", session.id)
+                session.move_to(Status.FAILED, error=_user_message(error))
+                self._publish(session.id, FailedEvent(session.id, "prepare_failed", _user_message(error)))
+                return
+            finally:
+                self._jobs.pop(session.id, None)
+                self._latest_progress.pop(session.id, None)
+            self.runtime.tuned.put(session.id, version, made.generator, made.renderer)
+            session.prepared = made.prepared
+            session.edit.reset()
+            session.result = None
+            session.move_to(Status.READY)
+            await asyncio.to_thread(self.store.persist, session)
+            self._publish(session.id, ReadyEvent(session))
+
+    # ---- sliders and previews ------------------------------------------------------------------------------
+
+    def directions(self) -> dict[str, Direction]:
+        """The shared edit directions (sliders) of the loaded generator."""
+        return self.runtime.directions
+
+    def session_directions(self, session: Session) -> dict[str, Direction]:
+        """A session's sliders: the shared directions and the ones it added."""
+        return self.runtime.directions_for(session.id, session.edit)
+
+    def set_sliders(self, session: Session, values: dict[str, float], *, commit: bool) -> None:
+        """Make ``values`` the session's slider state (``commit`` records it in the undo history)."""
+        session.require_ready()
+        unknown = sorted(set(values) - set(self.session_directions(session)))
+        if unknown:
+            raise UserError(f"unknown sliders: {', '.join(unknown[:5])}", status=422, code="unknown_slider")
+        session.edit.set_sliders(values, record=commit)
+
+    async def step_history(self, session: Session, action: str) -> bool:
+        """Undo or redo (``action``) the slider history; return whether the state changed."""
+        changed = session.edit.undo() if action == "undo" else session.edit.redo()
+        if changed:
+            await asyncio.to_thread(self.store.update, session)
+        return changed
+
+    async def preview(self, session: Session, owner: str, values: dict[str, float]) -> bytes | None:
+        """Render the preview of ``values`` as PREVIEW_FORMAT bytes; None when a newer one of ``owner`` replaced it.
+
+        Only the render runs on the device worker; laying it over the photo's crop and encoding run on a thread.
+        """
+        prepared = session.require_ready()
+        runtime, session_id = self.runtime, session.id
+        directions = self.session_directions(session)
+
+        def render(state: dict[str, float]) -> Any:
+            _, renderer = runtime.session_models(session_id, prepared)
+            ws = pipeline.edited_ws(prepared.ws, directions, state, runtime.spread)
+            return pipeline.render_preview(renderer, ws)
+
+        frame = await self.executor.submit_preview(owner, values, render)
+        if frame is SUPERSEDED:
+            return None
+        photo_detail = runtime.settings.photo_detail
+
+        def compose_and_encode() -> bytes:
+            return encode_preview(pipeline.compose_preview(prepared, frame, photo_detail), PREVIEW_FORMAT)
+
+        return await asyncio.to_thread(compose_and_encode)
+
+    def cancel_previews(self, owner: str) -> None:
+        """Drop the queued previews of ``owner`` (a connection that closed)."""
+        self.executor.cancel_owner(owner)
+
+    # ---- finalize ------------------------------------------------------------------------------------------
+
+    async def finalize(self, session: Session) -> bytes:
+        """Render the edit at full quality, lay it into the photo and keep the JPEG; return its bytes."""
+        session.require_ready()
+        self._refuse_if_busy(session)
+        task = asyncio.create_task(self._finalize(session))
+        self._jobs[session.id] = task
+        return await task
+
+    async def _finalize(self, session: Session) -> bytes:
+        prepared = session.require_ready()
+        runtime, stages = self.runtime, self.runtime.stages()
+        ws = pipeline.edited_ws(prepared.ws, self.session_directions(session), session.edit.sliders, runtime.spread)
+        forward = self._progress_handler(session)
+        with self.store.pinned(session):
+            try:
+                def job() -> Any:
+                    generator, _ = runtime.session_models(session.id, prepared)
+                    return pipeline.render_final(stages, generator, prepared, ws)
+
+                renders = await self.executor.run_job(job, priority=Priority.FINALIZE, owner=session.id,
+                                                      on_progress=forward)
+                photo = await asyncio.to_thread(pipeline.lay_into_photo, session.upload.pixels, prepared, renders)
+                forward(Progress("finalize", 2, 3, "laid into the photo"))
+                result = await asyncio.to_thread(pipeline.encode_result, photo, session.upload.metadata)
+                forward(Progress("finalize", 3, 3, "encoded"))
+            except asyncio.CancelledError:
+                raise UserError("finalizing was cancelled", status=409, code="cancelled") from None
+            except ExecutorError as error:
+                raise UserError(str(error), status=503, code="out_of_memory") from None
+            except pipeline.PipelineError as error:
+                raise StatusError(str(error)) from None
+            except Exception as error:
+                log.exception("finalizing session %s failed", session.id)
+                raise UserError(f"finalizing failed: {_user_message(error)}", status=500,
+                                code="finalize_failed") from None
+            finally:
+                self._jobs.pop(session.id, None)
+                self._latest_progress.pop(session.id, None)
+            session.result = result
+            session.progress = None
+            await asyncio.to_thread(self.store.persist, session)
+            self._publish(session.id, FinalizedEvent(session.id))
+            return result
+
+    # ---- on-demand directions ------------------------------------------------------------------------------
+
+    def layer_range(self, spec: LayerSpec) -> tuple[int, int]:
+        """Resolve a layer range as sent (preset or [start, stop)) against the generator's num_ws."""
+        num_ws = self.runtime.generator.num_ws
+        if isinstance(spec, str):
+            try:
+                return latents.parse_layers(spec, num_ws)
+            except ValueError as error:
+                raise UserError(str(error), status=422, code="bad_layers") from None
+        start, stop = spec
+        if not 0 <= start < stop <= num_ws:
+            raise UserError(f'"layers" must be [start, stop] with 0 <= start < stop <= {num_ws}, or a preset',
+                            status=422, code="bad_layers")
+        return start, stop
+
+    async def add_sefa_directions(self, session: Session, request: SefaRequest) -> list[Direction]:
+        """Compute the top-k SeFa directions of a layer range and add them as sliders of this session."""
+        layers = self.layer_range(request.layers)
+        found = await self.executor.run(lambda: self.runtime.sefa_directions(layers, request.k),
+                                        priority=Priority.FINALIZE, owner=session.id)
+        return await self._add_directions(session, found)
+
+    def require_text_prompts(self) -> None:
+        """Raise a 404 UserError unless text-prompt directions can be made here."""
+        reason = self.runtime.text_unavailable()
+        if reason is not None:
+            raise UserError(f"text prompts need the CLIP plugin: {reason}", status=404, code="feature_unavailable")
+
+    async def add_text_direction(self, session: Session, request: TextRequest) -> list[Direction]:
+        """Find the direction of a text prompt (CLIP) and add it as a slider of this session."""
+        self.require_text_prompts()
+        layers = None if request.layers is None else self.layer_range(request.layers)
+        try:
+            found = await self.executor.run(lambda: self.runtime.text_direction(request.prompt, layers),
+                                            priority=Priority.FINALIZE, owner=session.id)
+        except PluginError as error:
+            raise UserError(str(error), status=422, code="plugin_unavailable") from None
+        return await self._add_directions(session, [found])
+
+    async def _add_directions(self, session: Session, found: list[Direction]) -> list[Direction]:
+        session.edit.add_directions(found)
+        await asyncio.to_thread(self.store.update, session)
+        return found
+
+    # ---- latent tools (base generator, the sessions' inverted ws) -----------------------------------------
+
+    async def _face_ws(self, reference: FaceRef) -> torch.Tensor:
+        """The ws [1, num_ws, w_dim] of a prepared session named by id and token."""
+        try:
+            session = await self.open(reference.session_id, reference.token)
+        except SessionError as error:
+            raise UserError(f"face {reference.session_id[:8]}…: {error}", status=error.status,
+                            code=error.code) from None
+        if session.prepared is None:
+            raise UserError("every face must be picked and prepared before it can be used here", status=409,
+                            code="not_ready")
+        return session.prepared.ws
+
+    async def mix(self, request: MixRequest) -> bytes:
+        """Mix two faces (styles by layer range, or "more like" by percent); return a PNG."""
+        ws_a, ws_b = [await self._face_ws(face) for face in request.faces]
+        if request.percent is not None:
+            mixed = latents.more_like(ws_a, ws_b, request.percent)
+        else:
+            mixed = latents.mix_styles(ws_a, ws_b, *self.layer_range(request.layers))
+        runtime = self.runtime
+
+        frames = await self.executor.run(lambda: render_frames(runtime.generator, mixed), priority=Priority.FINALIZE)
+        image = frames[0]  # [H, W, 3]
+        return await asyncio.to_thread(encode_image, image, "png")
+
+    async def morph(self, request: MorphRequest) -> bytes:
+        """A video morphing through the faces (MP4 or GIF bytes)."""
+        keyframes = torch.cat([await self._face_ws(face) for face in request.faces])  # [K, num_ws, w_dim]
+        path = latents.morph_path(keyframes, request.frames_per_transition, loop=request.loop)
+        if path.shape[0] > MAX_VIDEO_FRAMES:
+            raise UserError(f"that would be {path.shape[0]} frames; at most {MAX_VIDEO_FRAMES}", status=422,
+                            code="bad_request")
+        return await self._video(path, request.format)
+
+    async def loop(self, request: LoopRequest) -> bytes:
+        """A seamless "deform loop" video of one face (MP4 or GIF bytes)."""
+        ws = await self._face_ws(request.face)
+        layers = None if request.layers is None else self.layer_range(request.layers)
+        path = latents.deform_loop(ws, request.frames, layers=layers, amplitude=request.amplitude,
+                                   spread=self.runtime.spread, seed=request.seed)
+        return await self._video(path, request.format)
+
+    async def _video(self, path: torch.Tensor, kind: str) -> bytes:
+        """Render on the executor batch by batch (previews interleave), then encode on a thread."""
+        runtime = self.runtime
+        frames = await self.executor.run_job(lambda: render_job(runtime.generator, path, runtime.device),
+                                             priority=Priority.ENCODE)
+        return await asyncio.to_thread(encode_video, frames, kind)
+
+    # ---- server facts and administration -------------------------------------------------------------------
+
+    async def plugins(self) -> list[PluginInfo]:
+        """Every stage implementation with its availability (and import failures), off the event loop."""
+        return await asyncio.to_thread(self.runtime.catalog.describe)
+
+    def generator_info(self) -> dict[str, Any]:
+        """The loaded generator's description (source, resolution, device...)."""
+        return self.runtime.describe()
+
+    def active_stages(self) -> dict[str, Any]:
+        """The active plugin name of every stage."""
+        return self.runtime.active_stages()
+
+    def directions_unavailable(self) -> dict[str, str]:
+        """The direction sources asked for that give no sliders, with the reason."""
+        return self.runtime.direction_status()
+
+    def text_unavailable(self) -> str | None:
+        """Why text-prompt directions cannot be made, or None."""
+        return self.runtime.text_unavailable()
+
+    async def switch_stage(self, stage: str, name: str) -> dict[str, Any]:
+        """Switch a stage to another plugin at run time; the old one stays active if the new one fails."""
+        try:
+            await self.executor.run(lambda: self.runtime.switch_stage(stage, name), priority=Priority.FINALIZE)
+        except PluginError as error:
+            raise UserError(str(error), status=422, code="plugin_unavailable") from None
+        return self.active_stages()
+
+    def stats(self) -> dict[str, Any]:
+        """Executor and session-store counters."""
+        return {"executor": vars(self.executor.stats()), "sessions": vars(self.store.stats())}
+
+    async def _expire_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(EXPIRY_INTERVAL_SECONDS)
+            try:
+                expired = await asyncio.to_thread(self.store.expire)
+            except Exception:
+                log.exception("session expiry failed")
+                continue
+            for session_id in expired:
+                self.executor.cancel_owner(session_id)
+                self.runtime.tuned.forget(session_id)
+
+
+def _free_memory(runtime: Runtime, store: SessionStore) -> int:
+    """The executor's out-of-memory hook: drop cached tuned models and spill idle sessions."""
+    runtime.tuned.clear()
+    return store.evict_idle()
