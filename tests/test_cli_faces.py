@@ -27,15 +27,15 @@ def face_lines(output: str) -> list[re.Match[str]]:
     return [match for line in output.splitlines() if (match := FACE_LINE.search(line))]
 
 
-def test_faces_prints_every_face_largest_first(shared_dir: Path, capsys: pytest.CaptureFixture[str]):
+def test_faces_prints_every_face_numbered_left_to_right(shared_dir: Path, capsys: pytest.CaptureFixture[str]):
     assert main(["faces", str(shared_dir / "photos" / "couple.jpg")]) == 0
     output = capsys.readouterr().out
     assert "couple.jpg: 2280x1588, 2 face(s) by dlib" in output
     lines = face_lines(output)
     assert [int(line[1]) for line in lines] == [0, 1]
     assert all(int(line[9]) == 68 for line in lines)
-    areas = [int(line[6]) * int(line[7]) for line in lines]
-    assert areas == sorted(areas, reverse=True)
+    lefts = [int(line[2]) for line in lines]
+    assert lefts == sorted(lefts) and lefts[0] < lefts[1]
 
 
 def test_faces_saves_inner_outer_crops_and_overlay(

@@ -25,7 +25,7 @@ def register(subparsers: Any) -> None:
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "faces",
         help="list the faces found in a photo",
-        description="Detect faces in PHOTO and print box, score and landmark count of each, largest first.",
+        description="Detect faces in PHOTO and print box, score and landmark count of each, numbered left to right as the server and `fluidsrv edit` number them.",
     )
     parser.add_argument("photo", type=Path, help="the photo (JPEG, PNG, WebP, ...)")
     parser.add_argument("--detector", help="detector plugin name (default: settings, i.e. $FLUIDSRV_DETECTOR or dlib)")
@@ -46,6 +46,7 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Detect the faces, print them, and save crops and the overlay when asked."""
+    from fluidsrv import pipeline
     from fluidsrv.settings import Settings
 
     if args.size < 16:
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     settings = Settings.from_env(detector=args.detector, device=args.device)
     photo = read_photo(args.photo, settings.max_pixels)
     name, detector = build_detector(settings, parse_options(args.option))
-    faces = detector.detect(photo)
+    faces = pipeline.detect_faces(detector, photo)
     print(f"{args.photo.name}: {photo.shape[1]}x{photo.shape[0]}, {len(faces)} face(s) by {name}")
     for index, face in enumerate(faces):
         print(f"  {describe_face(index, face)}")
