@@ -85,6 +85,13 @@ def test_upload_returns_faces_with_thumbnails_and_a_token(client: TestClient, ph
     assert raw.status_code == 201 and raw.json()["filename"] == "raw.jpg"
 
 
+def test_faces_are_numbered_left_to_right(client: TestClient, shared_dir: Path) -> None:
+    created = upload(client, (shared_dir / "photos" / "couple.jpg").read_bytes(), "couple.jpg")
+    lefts = [face["box"][0] for face in created["faces"]]
+    assert len(lefts) == 2 and lefts == sorted(lefts)
+    assert [face["index"] for face in created["faces"]] == [0, 1]
+
+
 @pytest.mark.parametrize(
     ("data", "status", "code"),
     [
@@ -93,13 +100,6 @@ def test_upload_returns_faces_with_thumbnails_and_a_token(client: TestClient, ph
         (png_bytes(gradient_image()), 422, "no_face"),
     ],
 )
-def test_faces_are_numbered_left_to_right(client: TestClient, shared_dir: Path) -> None:
-    created = upload(client, (shared_dir / "photos" / "couple.jpg").read_bytes(), "couple.jpg")
-    lefts = [face["box"][0] for face in created["faces"]]
-    assert len(lefts) == 2 and lefts == sorted(lefts)
-    assert [face["index"] for face in created["faces"]] == [0, 1]
-
-
 def test_bad_uploads_get_clear_errors_and_create_nothing(
     client: TestClient, data: bytes, status: int, code: str
 ) -> None:
