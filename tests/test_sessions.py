@@ -1,10 +1,12 @@
-"""Sessions: tokens, LRU spill and restore, restart, TTL expiry, limits, no pickle, thread safety."""
+"""Sessions: tokens, LRU spill and restore, restart, TTL expiry, limits, no pickle, thread safety, the typed model."""
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import random
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import diskcache
@@ -12,17 +14,28 @@ import numpy as np
 import pytest
 import torch
 
-from fluidsrv.sessions import (
+from fluidsrv.geometry import Alignment, align_face
+from fluidsrv.image_io import ImageMetadata
+from fluidsrv.session import (
     BadTokenError,
+    EditState,
+    JobProgress,
+    Prepared,
     Session,
-    SessionStateError,
     SessionStore,
+    Status,
+    StatusError,
     TooManySessionsError,
     UnknownSessionError,
+    Upload,
 )
-from fluidsrv.stages import Face
+from fluidsrv.session.model import MAX_SESSION_DIRECTIONS, TRANSITIONS
+from fluidsrv.session.store import SessionStateError
+from fluidsrv.stages import Direction, Face
 
 W_DIM, NUM_WS = 16, 6
+CROP = 16  # inner crop and preview side of the fake "generator"
+PHOTO_SHAPE = (48, 64)  # H, W
 
 
 class FakeClock:
@@ -33,62 +46,85 @@ class FakeClock:
         return self.now
 
 
-def fill(session: Session, seed: int) -> None:
-    """Give a session one of everything the pipeline stores, with random contents."""
+# ---- building sessions ----------------------------------------------------------------------------------
+
+
+def face_landmarks5(rng: np.random.Generator, centre: tuple[float, float], eye_distance: float) -> np.ndarray:
+    """Five plausible landmarks (eyes, nose, mouth corners) of an upright face, jittered."""
+    cx, cy = centre
+    half = eye_distance / 2.0
+    points = np.array([[cx - half, cy - 0.4 * half], [cx + half, cy - 0.4 * half], [cx, cy + 0.3 * half],
+                       [cx - 0.7 * half, cy + 1.0 * half], [cx + 0.7 * half, cy + 1.0 * half]])
+    return points + rng.normal(0.0, 0.05 * half, points.shape)
+
+
+def make_upload(seed: int, *, data_size: int = 40_000, pixels: np.ndarray | None = None) -> Upload:
+    """An upload with random bytes (> diskcache's file threshold), a random photo, full metadata and two faces."""
+    rng = np.random.default_rng(seed)
+    if pixels is None:
+        pixels = rng.integers(0, 256, (*PHOTO_SHAPE, 3), dtype=np.uint8)
+    metadata = ImageMetadata(format="JPEG", icc_profile=b"ICC" + rng.bytes(300), exif=b"Exif\x00\x00" + rng.bytes(90),
+                             xmp=b"<x:xmpmeta/>", comment=b"", dpi=(72.0, 96.0), orientation=6)
+    faces = (
+        Face(box=(1.5, 2.0, 20.0, 22.25), score=0.97, landmarks5=face_landmarks5(rng, (12.0, 12.0), 8.0),
+             landmarks68=rng.random((68, 2)) * 20.0),
+        Face(box=(18.0, 8.0, 50.0, 44.0), score=0.51, landmarks5=face_landmarks5(rng, (34.0, 24.0), 14.0)),
+    )
+    return Upload(data=rng.bytes(data_size), pixels=pixels, metadata=metadata, filename="photo.jpg", faces=faces)
+
+
+def make_prepared(seed: int, upload: Upload, face_index: int = 1) -> Prepared:
+    """A prepared face with a real alignment and tensors of several dtypes (incl. a view and a shared tensor)."""
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    session.upload = rng.integers(0, 256, 40_000, dtype=np.uint8).tobytes()  # > diskcache's file threshold
-    session.image = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
-    session.faces = [
-        Face(box=(1.5, 2.0, 20.0, 22.25), score=0.97, landmarks5=rng.random((5, 2)), landmarks68=rng.random((68, 2))),
-        Face(box=(3.0, 4.0, 9.0, 10.0), score=0.51, landmarks5=rng.random((5, 2))),
+    alignment = align_face(upload.pixels, upload.faces[face_index].landmarks5, size=CROP)
+    w = torch.randn(1, W_DIM)  # [1, w_dim]
+    ws = w[:, None, :].repeat(1, NUM_WS, 1) + 0.1 * torch.randn(1, NUM_WS, W_DIM)  # [1, num_ws, w_dim]
+    shared = torch.randn(3, 3)
+    generator_delta = {"convs.0.conv.weight": torch.randn(1, 8, 8, 3, 3),
+                       "to_rgbs.0.bias": torch.randn(1, 3, 1, 1).half(),
+                       "convs.1.conv.weight.lora_down": shared}
+    student_state = {"decoder.0.weight": torch.randn(4, 4, dtype=torch.bfloat16), "step": torch.tensor(7),
+                     "decoder.1.weight": torch.randn(6, 4).t(),  # not contiguous
+                     "tied": shared,  # shares memory with a generator_delta tensor
+                     "mask": torch.rand(5) > 0.5, "spectrum": torch.randn(3, dtype=torch.complex64)}
+    return Prepared(face_index=face_index, alignment=alignment, w=w, ws=ws, generator_delta=generator_delta,
+                    student_state=student_state,
+                    reconstruction=rng.integers(0, 256, (CROP, CROP, 3), dtype=np.uint8),
+                    head_mask=rng.random((CROP, CROP), dtype=np.float32),
+                    preview_crop=rng.integers(0, 256, (CROP, CROP, 3), dtype=np.uint8), version=3 + seed)
+
+
+def make_directions(seed: int) -> list[Direction]:
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        Direction(name="sefa:0:4:0", label="SeFa 0:4 1", vector=torch.randn(1, W_DIM, generator=generator),
+                  layers=(0, 4), slider_range=(-3.0, 3.0), group="More sliders", provenance="SeFa eigenvector 0"),
+        Direction(name="text:smile", label="Smile", vector=torch.randn(NUM_WS, W_DIM, generator=generator),
+                  slider_range=(-1.5, 2.5), group="Text", provenance="prompt 'a smiling face'"),
     ]
-    session.face_index = 1
-    session.alignment = {"quad": rng.random((4, 2)), "inner_box": [1, 2, 30, 31], "scale": 1.25,
-                         "resolution": 64, "mode": "ffhq", "flipped": False, "padding": None}
-    session.inner_crop = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
-    session.outer_crop = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)
-    session.w = torch.randn(1, W_DIM)  # [1, w_dim]
-    session.ws = session.w[:, None, :].repeat(1, NUM_WS, 1)  # [1, num_ws, w_dim]
-    session.generator_delta = {"convs.0.conv.weight": torch.randn(1, 8, 8, 3, 3),
-                               "to_rgbs.0.bias": torch.randn(1, 3, 1, 1).half()}
-    session.student_state = {"decoder.0.weight": torch.randn(4, 4, dtype=torch.bfloat16), "step": torch.tensor(7)}
-    session.set_sliders({"age": 1.5})
-    session.set_sliders({"age": 2.0, "smile": -1.0})
-    session.set_sliders({"age": 0.5, "smile": -1.0})
-    assert session.undo()
-    session.extra_arrays = {"face_mask": rng.random((16, 16)) > 0.5}
-    session.extra_tensors = {"noise/0": torch.randn(1, 1, 4, 4)}
-    session.meta = {"stage": "ready", "file_name": "photo.jpg", "timings": [0.5, 1.25]}
 
 
-def assert_same(restored: Session, original: Session) -> None:
-    for name in ("id", "token_digest", "created_at", "upload", "face_index", "sliders", "meta"):
-        assert getattr(restored, name) == getattr(original, name), name
-    assert restored.history.undo_stack == original.history.undo_stack
-    assert restored.history.redo_stack == original.history.redo_stack
-    for name in ("image", "inner_crop", "outer_crop"):
-        assert_arrays_equal(getattr(restored, name), getattr(original, name))
-    assert len(restored.faces) == len(original.faces)
-    for got, want in zip(restored.faces, original.faces):
-        assert (got.box, got.score) == (want.box, want.score)
-        assert_arrays_equal(got.landmarks5, want.landmarks5)
-        assert_arrays_equal(got.landmarks68, want.landmarks68)
-    assert restored.alignment is not None and original.alignment is not None
-    assert restored.alignment.keys() == original.alignment.keys()
-    for key, value in original.alignment.items():
-        if isinstance(value, np.ndarray):
-            assert_arrays_equal(restored.alignment[key], value)
-        else:
-            assert restored.alignment[key] == value, key
-    assert restored.extra_arrays.keys() == original.extra_arrays.keys()
-    for key, array in original.extra_arrays.items():
-        assert_arrays_equal(restored.extra_arrays[key], array)
-    assert restored.tensors().keys() == original.tensors().keys()
-    for key, tensor in original.tensors().items():
-        restored_tensor = restored.tensors()[key]
-        assert restored_tensor.dtype == tensor.dtype and restored_tensor.device == tensor.device, key
-        assert torch.equal(restored_tensor, tensor), key
+def fill(session: Session, seed: int) -> None:
+    """Give a session one of everything the pipeline stores, with random contents."""
+    rng = np.random.default_rng(seed + 1000)
+    session.upload = make_upload(seed)
+    session.move_to(Status.PREPARING)
+    session.progress = JobProgress("distil", 2, 5, "tuning the previewer")
+    session.prepared = make_prepared(seed, session.upload)
+    session.edit.add_directions(make_directions(seed))
+    session.edit.set_sliders({"age": 1.5})
+    session.edit.set_sliders({"age": 2.0, "smile": -1.0})
+    session.edit.set_sliders({"age": 0.5, "smile": -1.0})
+    assert session.edit.undo()  # something to redo
+    session.edit.set_sliders({"age": 0.75, "smile": -1.0}, record=False)  # an uncommitted drag
+    # the statuses a spilled session may be in, with what goes with them
+    outcome = seed % 3
+    if outcome == 0:
+        session.move_to(Status.READY)
+    elif outcome == 1:
+        session.move_to(Status.FAILED, error="the encoder ran out of memory")
+    session.result = rng.bytes(5000)
 
 
 def assert_arrays_equal(got: np.ndarray | None, want: np.ndarray | None) -> None:
@@ -99,23 +135,97 @@ def assert_arrays_equal(got: np.ndarray | None, want: np.ndarray | None) -> None
     assert np.array_equal(got, want)
 
 
+def assert_same_alignment(got: Alignment, want: Alignment) -> None:
+    assert got.photo_shape == want.photo_shape
+    assert got.inner_offset == want.inner_offset
+    for crop in ("inner", "outer"):
+        assert got.transform(crop).size == want.transform(crop).size, crop
+        assert_arrays_equal(got.transform(crop).quad, want.transform(crop).quad)
+        assert np.allclose(got.transform(crop).from_crop, want.transform(crop).from_crop, rtol=0, atol=1e-12)
+        assert_arrays_equal(got.image(crop), want.image(crop))
+
+
+def assert_same_tensors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == want.keys()
+    for key, tensor in want.items():
+        assert got[key].dtype == tensor.dtype and got[key].device == tensor.device, key
+        assert torch.equal(got[key], tensor), key
+
+
+def assert_same(restored: Session, original: Session) -> None:
+    """Everything a session holds is equal (but ``last_used``, which every access moves)."""
+    for name in ("id", "token_digest", "created_at", "status", "error", "progress", "result", "face_index"):
+        assert getattr(restored, name) == getattr(original, name), name
+    # the upload: bytes, pixels, metadata (incl. its byte fields), file name and faces
+    got, want = restored.upload, original.upload
+    assert got.data == want.data and got.filename == want.filename and got.size == want.size
+    assert got.metadata == want.metadata
+    assert_arrays_equal(got.pixels, want.pixels)
+    assert len(got.faces) == len(want.faces)
+    for got_face, want_face in zip(got.faces, want.faces):
+        assert (got_face.box, got_face.score) == (want_face.box, want_face.score)
+        assert_arrays_equal(got_face.landmarks5, want_face.landmarks5)
+        assert_arrays_equal(got_face.landmarks68, want_face.landmarks68)
+    # the prepared face: alignment, host arrays and every tensor
+    if original.prepared is None:
+        assert restored.prepared is None
+    else:
+        assert restored.prepared is not None
+        got_prepared, want_prepared = restored.prepared, original.prepared
+        assert (got_prepared.face_index, got_prepared.version) == (want_prepared.face_index, want_prepared.version)
+        assert_same_alignment(got_prepared.alignment, want_prepared.alignment)
+        for name in ("reconstruction", "head_mask", "preview_crop"):
+            assert_arrays_equal(getattr(got_prepared, name), getattr(want_prepared, name))
+        for name in ("generator_delta", "student_state"):
+            assert_same_tensors(dict(getattr(got_prepared, name)), dict(getattr(want_prepared, name)))
+    # the edit state: sliders, history, the directions (in order) and their version
+    got_edit, want_edit = restored.edit, original.edit
+    assert got_edit.sliders == want_edit.sliders and got_edit.version == want_edit.version
+    assert got_edit.history.undo_stack == want_edit.history.undo_stack
+    assert got_edit.history.redo_stack == want_edit.history.redo_stack
+    assert got_edit.history.committed == want_edit.history.committed
+    assert got_edit.history.limit == want_edit.history.limit
+    assert list(got_edit.directions) == list(want_edit.directions)
+    for name, direction in want_edit.directions.items():
+        assert got_edit.directions[name].describe() == direction.describe()
+        assert got_edit.directions[name].slider_range == direction.slider_range
+        assert got_edit.directions[name].layers == direction.layers
+    assert_same_tensors(restored.tensors(), original.tensors())
+    assert restored.tensor_bytes() == original.tensor_bytes() and restored.host_bytes() == original.host_bytes()
+
+
 def filled_session(store: SessionStore, seed: int) -> tuple[Session, str]:
-    session, token = store.create()
+    session, token = store.create(make_upload(seed))
     fill(session, seed)
     store.update(session)
     return session, token
+
+
+def small_upload(seed: int = 0) -> Upload:
+    """A tiny upload (no faces) for tests that only need a session to exist."""
+    rng = np.random.default_rng(seed)
+    return Upload(data=rng.bytes(100), pixels=rng.integers(0, 256, (4, 4, 3), dtype=np.uint8),
+                  metadata=ImageMetadata(format="PNG"))
+
+
+def bare_session(status: Status = Status.UPLOADED) -> Session:
+    return Session(id="0" * 32, token_digest="", created_at=0.0, last_used=0.0, upload=small_upload(), status=status)
 
 
 def spill_files(data_dir: Path) -> list[Path]:
     return [path for path in (data_dir / "sessions").rglob("*.val")]
 
 
+# ---- the store ------------------------------------------------------------------------------------------
+
+
 def test_every_access_needs_the_right_token(tmp_path: Path) -> None:
     store = SessionStore(tmp_path)
-    first, first_token = store.create()
-    second, second_token = store.create()
+    first, first_token = store.create(small_upload(1))
+    second, second_token = store.create(small_upload(2))
     assert first.id != second.id and first_token != second_token
     assert len(first_token) >= 43  # token_urlsafe(32)
+    assert first.upload.data == small_upload(1).data and first.status == Status.UPLOADED
 
     assert store.get(first.id, first_token) is first
     store.check(first.id, first_token)
@@ -148,7 +258,7 @@ def test_tokens_never_reach_the_disk(tmp_path: Path) -> None:
 
 
 def test_least_recently_used_sessions_spill_and_restore_equal(tmp_path: Path) -> None:
-    probe, _ = SessionStore(tmp_path / "probe").create()
+    probe, _ = SessionStore(tmp_path / "probe").create(make_upload(0))
     fill(probe, 0)
     one_session = probe.tensor_bytes()
     store = SessionStore(tmp_path / "store", memory_budget_bytes=int(2.5 * one_session))
@@ -171,6 +281,34 @@ def test_least_recently_used_sessions_spill_and_restore_equal(tmp_path: Path) ->
     assert (stats.spills, stats.restores, stats.in_memory, stats.on_disk_only) == (3, 2, 2, 1)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])  # ready with a result, failed with an error, preparing with progress
+def test_every_status_round_trips_through_the_disk(tmp_path: Path, seed: int) -> None:
+    store = SessionStore(tmp_path)
+    session, token = filled_session(store, seed)
+    assert session.status == [Status.READY, Status.FAILED, Status.PREPARING][seed]
+    assert (session.progress is not None) == (session.status == Status.PREPARING)
+    store.evict_idle()
+    restored = store.get(session.id, token)
+    assert restored is not session
+    assert_same(restored, session)
+    # the restored edit state still works: the drag is undone first, then the undone commit redone
+    assert restored.edit.sliders == {"age": 0.75, "smile": -1.0}
+    assert restored.edit.undo() and restored.edit.sliders == {"age": 2.0, "smile": -1.0}
+    assert restored.edit.redo() and restored.edit.sliders == {"age": 0.5, "smile": -1.0}
+    assert not restored.edit.redo()
+
+
+def test_a_session_without_a_prepared_face_round_trips(tmp_path: Path) -> None:
+    store = SessionStore(tmp_path)
+    upload = dataclasses.replace(make_upload(4), filename=None,
+                                 metadata=ImageMetadata(format="PNG"))  # no metadata bytes, no dpi
+    session, token = store.create(upload)
+    store.evict_idle()
+    restored = store.get(session.id, token)
+    assert_same(restored, session)
+    assert restored.prepared is None and restored.result is None and restored.tensors() == {}
+
+
 def test_pinned_sessions_are_not_evicted(tmp_path: Path) -> None:
     store = SessionStore(tmp_path, memory_budget_bytes=0)
     a, _ = filled_session(store, 1)
@@ -187,10 +325,16 @@ def test_update_takes_back_a_session_evicted_while_held(tmp_path: Path) -> None:
     store = SessionStore(tmp_path)
     session, token = filled_session(store, 1)
     store.evict_idle()
-    session.set_sliders({"age": -2.0})  # the caller still mutates its object
+    session.edit.set_sliders({"age": -2.0})  # the caller still mutates its object
+    assert session.prepared is not None
+    session.prepared = dataclasses.replace(session.prepared, w=torch.ones(1, W_DIM))  # and replaces a part
     store.update(session)
     assert store.get(session.id, token) is session
-    assert session.sliders == {"age": -2.0}
+    assert session.edit.sliders == {"age": -2.0}
+    store.evict_idle()  # the caller's state is what is written next
+    restored = store.get(session.id, token)
+    assert restored.edit.sliders == {"age": -2.0}
+    assert restored.prepared is not None and torch.equal(restored.prepared.w, torch.ones(1, W_DIM))
 
 
 def test_a_restarted_store_restores_every_session(tmp_path: Path) -> None:
@@ -199,7 +343,7 @@ def test_a_restarted_store_restores_every_session(tmp_path: Path) -> None:
     kept, kept_token = filled_session(store, 2)
     store.evict_idle()
     kept = store.get(kept.id, kept_token)
-    kept.set_sliders({"age": 3.0})
+    kept.edit.set_sliders({"age": 3.0})
     store.close()
 
     restarted = SessionStore(tmp_path)
@@ -251,16 +395,16 @@ def test_expired_sessions_are_deleted_when_a_store_restarts(tmp_path: Path) -> N
 def test_max_sessions_is_enforced_with_a_clear_error(tmp_path: Path) -> None:
     clock = FakeClock()
     store = SessionStore(tmp_path, max_sessions=2, ttl_seconds=60, clock=clock)
-    first, first_token = store.create()
-    store.create()
+    first, first_token = store.create(small_upload())
+    store.create(small_upload())
     with pytest.raises(TooManySessionsError, match="maximum of 2") as error:
-        store.create()
+        store.create(small_upload())
     assert error.value.status == 429
     store.delete(first.id, first_token)
-    store.create()
+    store.create(small_upload())
     clock.now += 61  # both expire: creating frees their slots
-    store.create()
-    store.create()
+    store.create(small_upload())
+    store.create(small_upload())
     assert len(store) == 2
 
 
@@ -298,63 +442,114 @@ class _Exploit:
         return (_record_exploit, ("ran",))
 
 
-def test_unwritable_state_is_reported_and_the_session_stays_in_memory(tmp_path: Path) -> None:
+def _object_head_mask(session: Session) -> None:
+    assert session.prepared is not None
+    session.prepared = dataclasses.replace(session.prepared, head_mask=np.array([object()]))  # safetensors refuses
+
+
+def _meta_device_tensor(session: Session) -> None:
+    assert session.prepared is not None
+    student_state = {**session.prepared.student_state, "lazy": torch.zeros(4, device="meta")}  # holds no data
+    session.prepared = dataclasses.replace(session.prepared, student_state=student_state)
+
+
+def _non_finite_score(session: Session) -> None:
+    face = dataclasses.replace(session.upload.faces[0], score=float("nan"))  # JSON without NaN refuses it
+    session.upload = dataclasses.replace(session.upload, faces=(face, *session.upload.faces[1:]))
+
+
+@pytest.mark.parametrize("spoil", [_object_head_mask, _meta_device_tensor, _non_finite_score])
+def test_unwritable_state_is_reported_and_the_session_stays_in_memory(
+        tmp_path: Path, spoil: Callable[[Session], None]) -> None:
     store = SessionStore(tmp_path)
-    session, token = store.create()
-    session.extra_arrays = {"objects": np.array([object()])}
-    with pytest.raises(SessionStateError):
+    session, token = filled_session(store, 1)
+    spoil(session)
+    with pytest.raises(SessionStateError) as error:
         store.persist(session)
+    assert error.value.status == 500 and session.id in str(error.value)
     assert store.evict_idle() == 0
     assert store.get(session.id, token) is session
+    store.close()  # reported, not raised
+    assert len(SessionStore(tmp_path)) == 0
 
 
 def test_undo_redo_history_is_bounded(tmp_path: Path) -> None:
     store = SessionStore(tmp_path, history_limit=3)
-    session, _ = store.create()
+    session, _ = store.create(small_upload())
+    edit = session.edit
+    assert edit.history.limit == 3
     for value in range(1, 6):
-        session.set_sliders({"age": float(value)})
-    session.set_sliders({"age": 5.0})  # unchanged: not recorded
-    session.set_sliders({"age": 6.0}, record=False)  # e.g. mid-drag
-    assert len(session.history.undo_stack) == 3
-    assert session.undo() and session.sliders == {"age": 5.0}  # the uncommitted drag goes first
-    assert session.undo() and session.sliders == {"age": 4.0}
-    assert session.undo() and session.undo() and session.sliders == {"age": 2.0}
-    assert not session.undo()
-    assert session.redo() and session.sliders == {"age": 3.0}
-    session.set_sliders({"smile": 1.0})
-    assert not session.redo()
+        edit.set_sliders({"age": float(value)})
+    edit.set_sliders({"age": 5.0})  # unchanged: not recorded
+    edit.set_sliders({"age": 6.0}, record=False)  # e.g. mid-drag
+    assert len(edit.history.undo_stack) == 3
+    assert edit.undo() and edit.sliders == {"age": 5.0}  # the uncommitted drag goes first
+    assert edit.undo() and edit.sliders == {"age": 4.0}
+    assert edit.undo() and edit.undo() and edit.sliders == {"age": 2.0}
+    assert not edit.undo()
+    assert edit.redo() and edit.sliders == {"age": 3.0}
+    edit.set_sliders({"smile": 1.0})
+    assert not edit.redo()
     with pytest.raises(ValueError, match="finite"):
-        session.set_sliders({"age": float("nan")})
+        edit.set_sliders({"age": float("nan")})
+    edit.reset()  # a new face was prepared: values and history go, the limit stays
+    assert edit.sliders == {} and not edit.undo() and edit.history.limit == 3
+
+
+def test_a_restored_session_keeps_the_stores_history_bound(tmp_path: Path) -> None:
+    store = SessionStore(tmp_path, history_limit=3)
+    session, token = store.create(small_upload())
+    for value in range(1, 6):
+        session.edit.set_sliders({"age": float(value)})
+    store.close()
+    restored = SessionStore(tmp_path, history_limit=2).get(session.id, token)
+    assert restored.edit.history.limit == 2
+    assert len(restored.edit.history.undo_stack) == 3  # what was written is kept ...
+    restored.edit.set_sliders({"age": 9.0})
+    assert len(restored.edit.history.undo_stack) == 2  # ... and trimmed to the new bound at the next commit
 
 
 def test_a_drag_and_its_release_are_one_undo_step(tmp_path: Path) -> None:
     store = SessionStore(tmp_path)
-    session, token = store.create()
-    session.set_sliders({"age": 1.0})
+    session, token = store.create(small_upload())
+    session.edit.set_sliders({"age": 1.0})
     for value in (1.5, 2.0, 2.5):  # live states while dragging
-        session.set_sliders({"age": value}, record=False)
-    session.set_sliders({"age": 2.5})  # release: the commit equals the live state
-    assert session.undo() and session.sliders == {"age": 1.0}
-    assert session.redo() and session.sliders == {"age": 2.5}
+        session.edit.set_sliders({"age": value}, record=False)
+    session.edit.set_sliders({"age": 2.5})  # release: the commit equals the live state
+    assert session.edit.undo() and session.edit.sliders == {"age": 1.0}
+    assert session.edit.redo() and session.edit.sliders == {"age": 2.5}
     store.evict_idle()  # the history survives a spill to disk
     restored = store.get(session.id, token)
-    assert restored.undo() and restored.sliders == {"age": 1.0}
+    assert restored.edit.undo() and restored.edit.sliders == {"age": 1.0}
 
 
 def test_the_host_budget_spills_sessions_holding_large_photos(tmp_path: Path) -> None:
     store = SessionStore(tmp_path, host_budget_bytes=3 * 1024 * 1024)
     photo = np.zeros((1024, 1024, 3), np.uint8)  # 3 MiB of pixels, no tensors at all
-    first, first_token = store.create(upload=b"x" * 1000, image=photo)
-    second, _ = store.create(upload=b"y" * 1000, image=photo.copy())
+    first, first_token = store.create(Upload(data=b"x" * 1000, pixels=photo, metadata=ImageMetadata(format="PNG")))
+    second, _ = store.create(Upload(data=b"y" * 1000, pixels=photo.copy(), metadata=ImageMetadata(format="PNG")))
     assert not store.is_in_memory(first.id) and store.is_in_memory(second.id)
     assert store.stats().host_bytes <= store.stats().host_budget_bytes + first.host_bytes()
     restored = store.get(first.id, first_token)
-    assert np.array_equal(restored.image, photo) and not store.is_in_memory(second.id)
+    assert np.array_equal(restored.upload.pixels, photo) and restored.upload.data == b"x" * 1000
+    assert not store.is_in_memory(second.id)
+
+
+def test_host_bytes_count_the_upload_the_prepared_arrays_and_the_result() -> None:
+    session = bare_session()
+    fill(session, 0)
+    prepared = session.prepared
+    assert prepared is not None and session.result is not None
+    arrays = [session.upload.pixels, prepared.reconstruction, prepared.head_mask, prepared.preview_crop,
+              prepared.alignment.inner_image, prepared.alignment.outer_image]
+    assert session.host_bytes() == len(session.upload.data) + len(session.result) + sum(a.nbytes for a in arrays)
+    assert session.tensor_bytes() == sum(t.numel() * t.element_size() for t in session.tensors().values())
+    assert {"w", "ws", "direction/0", "direction/1", "student_state/step"} <= session.tensors().keys()
 
 
 def test_check_never_waits_for_a_disk_write(tmp_path: Path) -> None:
     store = SessionStore(tmp_path)
-    session, token = store.create()
+    session, token = store.create(small_upload())
     with store._lock:  # as if another thread were writing a session to disk right now
         done = threading.Event()
         worker = threading.Thread(target=lambda: (store.check(session.id, token), store.pin(session), done.set()))
@@ -364,9 +559,20 @@ def test_check_never_waits_for_a_disk_write(tmp_path: Path) -> None:
     store.unpin(session)
 
 
+def _tiny_prepared(upload: Upload, value: float) -> Prepared:
+    """A prepared face of 2 × 256 floats (w and ws), all ``value``."""
+    alignment = align_face(upload.pixels, upload.faces[1].landmarks5, size=CROP)
+    blank = np.zeros((CROP, CROP, 3), np.uint8)
+    return Prepared(face_index=1, alignment=alignment, w=torch.full((1, 256), value), ws=torch.full((1, 1, 256), value),
+                    generator_delta={}, student_state={}, reconstruction=blank,
+                    head_mask=np.zeros((CROP, CROP), np.float32), preview_crop=blank)
+
+
 def test_concurrent_access_from_threads_keeps_every_session_intact(tmp_path: Path) -> None:
-    probe, _ = SessionStore(tmp_path / "probe").create()
-    probe.w = torch.zeros(1, 256)
+    upload = make_upload(0, data_size=100)
+    template = _tiny_prepared(upload, 0.0)
+    probe = bare_session()
+    probe.prepared = template
     store = SessionStore(tmp_path / "store", memory_budget_bytes=3 * probe.tensor_bytes())
     errors: list[BaseException] = []
     finals: dict[str, tuple[str, float]] = {}
@@ -374,18 +580,20 @@ def test_concurrent_access_from_threads_keeps_every_session_intact(tmp_path: Pat
     def worker(index: int) -> None:
         try:
             rng = random.Random(index)
-            session, token = store.create()
+            session, token = store.create(upload)
             for step in range(40):
                 session = store.get(session.id, token)
                 value = float(index * 1000 + step)
+                prepared = dataclasses.replace(template, w=torch.full((1, 256), value),
+                                               ws=torch.full((1, 1, 256), value))
                 if rng.random() < 0.5:
                     with store.pinned(session):
-                        session.w = torch.full((1, 256), value)
-                        session.set_sliders({"step": value})
+                        session.prepared = prepared
+                        session.edit.set_sliders({"step": value})
                         store.update(session)
                 else:
-                    session.w = torch.full((1, 256), value)
-                    session.set_sliders({"step": value})
+                    session.prepared = prepared
+                    session.edit.set_sliders({"step": value})
                     store.update(session)
                 if rng.random() < 0.2:
                     store.evict_idle()
@@ -402,6 +610,113 @@ def test_concurrent_access_from_threads_keeps_every_session_intact(tmp_path: Pat
     assert len(finals) == 4
     for session_id, (token, value) in finals.items():
         session = store.get(session_id, token)
-        assert session.sliders == {"step": value}
-        assert session.w is not None and bool((session.w == value).all())
+        assert session.edit.sliders == {"step": value}
+        assert session.prepared is not None
+        assert bool((session.prepared.w == value).all()) and bool((session.prepared.ws == value).all())
     assert store.stats().tensor_bytes <= store.memory_budget_bytes
+
+
+# ---- the status state machine -----------------------------------------------------------------------------
+
+EXPECTED_TRANSITIONS = {
+    Status.UPLOADED: {Status.PREPARING},
+    Status.PREPARING: {Status.READY, Status.FAILED, Status.CANCELLED, Status.INTERRUPTED},
+    Status.READY: {Status.PREPARING},
+    Status.FAILED: {Status.PREPARING},
+    Status.CANCELLED: {Status.PREPARING},
+    Status.INTERRUPTED: {Status.PREPARING},
+}
+
+
+def test_the_transition_table_covers_every_status() -> None:
+    assert {status: set(targets) for status, targets in TRANSITIONS.items()} == EXPECTED_TRANSITIONS
+    assert set(TRANSITIONS) == set(Status)
+    assert bare_session().status == Status.UPLOADED
+
+
+@pytest.mark.parametrize("source", list(Status))
+def test_move_to_allows_exactly_the_listed_transitions(source: Status) -> None:
+    for target in Status:
+        session = bare_session(source)
+        if target in EXPECTED_TRANSITIONS[source] or target == source:  # staying put is no transition
+            session.move_to(target)
+            assert session.status == target
+        else:
+            with pytest.raises(StatusError, match=f"{source} cannot become {target}") as error:
+                session.move_to(target)
+            assert (error.value.status, error.value.code) == (409, "not_ready")
+            assert session.status == source  # unchanged
+
+
+def test_moving_away_from_preparing_clears_progress_and_sets_the_error() -> None:
+    session = bare_session()
+    session.move_to(Status.PREPARING)
+    session.progress = JobProgress("encode", 3, 10, "inverting")
+    session.move_to(Status.PREPARING)  # staying: the progress stays
+    assert session.progress == JobProgress("encode", 3, 10, "inverting")
+    session.move_to(Status.FAILED, error="out of memory")
+    assert (session.status, session.error, session.progress) == (Status.FAILED, "out of memory", None)
+    session.move_to(Status.PREPARING)  # retrying forgets the old error
+    assert session.error is None
+    for target in (Status.READY, Status.CANCELLED, Status.INTERRUPTED):
+        session = bare_session(Status.PREPARING)
+        session.progress = JobProgress("distil", 1, 2)
+        session.move_to(target)
+        assert session.progress is None and session.status == target
+
+
+def test_require_ready_needs_the_ready_status_and_a_prepared_face() -> None:
+    session = bare_session()
+    with pytest.raises(StatusError):
+        session.require_ready()
+    fill(session, 1)  # failed, with a prepared face from before
+    with pytest.raises(StatusError):
+        session.require_ready()
+    session.move_to(Status.PREPARING)
+    session.move_to(Status.READY)
+    assert session.require_ready() is session.prepared
+    assert session.face_index == 1 and session.faces == session.upload.faces
+    session.prepared = None
+    with pytest.raises(StatusError):
+        session.require_ready()
+
+
+# ---- the edit state's directions ----------------------------------------------------------------------------
+
+
+def _direction(name: str, value: float = 0.0, label: str | None = None) -> Direction:
+    return Direction(name=name, label=label or name, vector=torch.full((1, W_DIM), value))
+
+
+def test_add_directions_replaces_same_names_at_the_end_and_bumps_the_version() -> None:
+    edit = EditState()
+    assert edit.version == 0
+    edit.add_directions([_direction("a", 1.0), _direction("b", 2.0), _direction("c", 3.0)])
+    assert list(edit.directions) == ["a", "b", "c"] and edit.version == 1
+    edit.add_directions([_direction("a", 9.0, label="new a")])
+    assert list(edit.directions) == ["b", "c", "a"] and edit.version == 2
+    assert edit.directions["a"].label == "new a" and bool((edit.directions["a"].vector == 9.0).all())
+    edit.add_directions([])  # even an empty addition is a new version (the client refreshes its list)
+    assert edit.version == 3 and list(edit.directions) == ["b", "c", "a"]
+
+
+def test_add_directions_keeps_the_newest_and_owns_float_copies_of_the_vectors() -> None:
+    edit = EditState()
+    before = edit.directions
+    edit.add_directions([_direction(f"d{index}", float(index)) for index in range(MAX_SESSION_DIRECTIONS + 5)])
+    assert list(edit.directions) == [f"d{index}" for index in range(5, MAX_SESSION_DIRECTIONS + 5)]
+    assert before == {}  # a new dict: a reader holding the old one sees it unchanged
+    edit.add_directions([_direction("d5", 0.5), _direction("extra")])  # d5 moves to the end, d6 is the oldest
+    names = list(edit.directions)
+    assert len(names) == MAX_SESSION_DIRECTIONS and names[-2:] == ["d5", "extra"] and "d6" not in names
+    assert names[0] == "d7"
+
+    source = torch.arange(2 * W_DIM, dtype=torch.float16).reshape(W_DIM, 2).t()[:1]  # half, not contiguous
+    edit.add_directions([Direction(name="half", label="Half", vector=source, layers=(2, 5),
+                                   slider_range=(-1.0, 4.0), group="G", provenance="p")])
+    stored = edit.directions["half"]
+    assert stored.vector.dtype == torch.float32 and stored.vector.is_contiguous()
+    assert torch.equal(stored.vector, source.float())
+    source.fill_(7)  # the caller's tensor is not the session's
+    assert not torch.equal(stored.vector, source.float())
+    assert (stored.layers, stored.slider_range, stored.group, stored.provenance) == ((2, 5), (-1.0, 4.0), "G", "p")
