@@ -105,6 +105,8 @@ def decode(meta_bytes: bytes, array_bytes: bytes, tensor_bytes: bytes, *, device
            history_limit: int) -> Session:
     """Rebuild a session of any readable format from its three spilled parts, tensors on ``device``."""
     meta = json.loads(meta_bytes)
+    if not isinstance(meta, dict):
+        raise SpillError("a spilled session's meta part must be a JSON object")
     arrays = safetensors.numpy.load(array_bytes)
     tensors = {name: tensor.to(device) for name, tensor in safetensors.torch.load(tensor_bytes).items()}
     if meta.get("format") == 1:
