@@ -16,6 +16,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "fluidsrv.cli.faces",
     "fluidsrv.cli.train",
     "fluidsrv.cli.project",
+    "fluidsrv.cli.edit",
     "fluidsrv.cli.edit_tools",
 )
 """Modules that add a subcommand; each defines ``register(subparsers) -> None``."""

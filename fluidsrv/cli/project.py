@@ -1,9 +1,10 @@
 """``fluidsrv project PHOTO``: invert a face by optimisation and film the search (``--video steps.mp4``).
 
-The face is detected and FFHQ-aligned at the generator's resolution (or taken as is with ``--aligned``), then the
-``project`` encoder plugin runs step by step; every ``--frame-every``-th step's render becomes a video frame
-(the aligned target on the left, the current render on the right). ``--pti N`` continues with N steps of pivotal
-tuning and films those too.
+The face is detected, FFHQ-aligned at the generator's resolution and encoded by the server's own pipeline
+(:func:`fluidsrv.pipeline.detect_faces` and :func:`fluidsrv.pipeline.prepare`, without its fine-tune), or taken as
+is with ``--aligned``; the encoder is the ``project`` plugin, run step by step, and every ``--frame-every``-th
+step's render becomes a video frame (the aligned target on the left, the current render on the right).
+``--pti N`` continues with N steps of pivotal tuning and films those too.
 """
 
 from __future__ import annotations
@@ -12,16 +13,21 @@ import argparse
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fluidsrv.cli import CliError
 from fluidsrv.cli.faces import build_detector, parse_options, read_photo
 
+if TYPE_CHECKING:
+    from fluidsrv.pipeline import StageBundle
+
 EMBEDDED_GENERATOR = "generator-128.safetensors"
 MIN_VIDEO_SIDE = 256  # small generators' frames are enlarged (nearest neighbour) to at least this
 MACRO_BLOCK = 16  # H.264 frame sides must be multiples of this (imageio would otherwise resize)
+PREVIEWER = "generator"  # prepare fits a previewer; this built-in one has nothing to fit
+UNSHOWN_STAGES = ("align", "distill")  # prepare's steps around the encoder: neither filmed nor printed
 
 
 def register(subparsers: Any) -> None:
@@ -42,7 +48,7 @@ def register(subparsers: Any) -> None:
         help="generator file (our safetensors, a rosinality .pt or a GAN checkpoint); default: the embedded one",
     )
     parser.add_argument("--aligned", action="store_true", help="PHOTO is already an aligned face crop: no detection")
-    parser.add_argument("--face", type=int, default=0, help="which detected face, largest first (default 0)")
+    parser.add_argument("--face", type=int, default=0, help="which detected face, numbered left to right (default 0)")
     parser.add_argument("--detector", help="detector plugin (default: settings, i.e. $FLUIDSRV_DETECTOR or dlib)")
     parser.add_argument("--steps", type=int, default=300, help="w steps (default 300)")
     parser.add_argument("--wplus-steps", type=int, default=100, help="w+ steps (default 100)")
@@ -72,25 +78,26 @@ def run(args: argparse.Namespace) -> int:
     settings = Settings.from_env(detector=args.detector, device=args.device)
     device = torch.device(settings.resolved_device())
     generator = load_cli_generator(args.generator, settings, device)
-    face = aligned_face(args, settings, generator.resolution)
-    target = torch.from_numpy(face).permute(2, 0, 1)[None].float().div(127.5).sub(1.0).to(device)  # [1, 3, R, R]
-
     options: dict[str, Any] = {"steps": args.steps, "wplus_steps": args.wplus_steps, "frame_every": args.frame_every}
     options.update(parse_options(args.option))
     encoder = build_stage(settings, device, "encoder", "project", options)
     frames: list[np.ndarray] = []
-    latents = drive(encoder.encode(target, generator), frames)
-    tensors = {"w": latents.w.detach().cpu(), "ws": latents.ws.detach().cpu()}
+    face, w, ws = invert(args, settings, device, generator, encoder, frames)
+    tensors = {"w": w.detach().cpu(), "ws": ws.detach().cpu()}
     final = generator
     if args.pti > 0:
+        # the CLI's own PTI: it films every --frame-every-th step and uses the encoder's perceptual distance,
+        # which the pipeline's fine-tune (the server's fixed recipe) does not
+        from fluidsrv.convert import image_to_tensor
         from fluidsrv.pti import PTIConfig, apply_delta, finetune
 
         config = PTIConfig(mode=args.pti_mode, steps=args.pti, frame_every=args.frame_every)
-        delta = drive(finetune(generator, target, latents.ws, config, encoder.distance(device)), frames)
+        target = image_to_tensor(face, device)  # [1, 3, R, R]
+        delta = drive(finetune(generator, target, ws, config, encoder.distance(device)), frames)
         final = apply_delta(generator, delta)
         tensors.update({f"delta.{name}": value.detach().cpu().contiguous() for name, value in delta.items()})
     with torch.no_grad():
-        result = final.synthesis(latents.ws.to(device), noise_mode="const")  # [1, 3, R, R]
+        result = final.synthesis(ws.to(device), noise_mode="const")  # [1, 3, R, R]
     write_outputs(args, face, frames, result, tensors)
     return 0
 
@@ -109,27 +116,61 @@ def load_cli_generator(name: str, settings: Any, device: Any) -> Any:
         raise CliError(f"{path}: {error}") from None
 
 
-def aligned_face(args: argparse.Namespace, settings: Any, resolution: int) -> np.ndarray:
-    """Return the face to project as uint8 RGB [R, R, 3]: detected and FFHQ-aligned, or PHOTO resized (--aligned)."""
+def projection_stages(settings: Any, device: Any, generator: Any, encoder: Any) -> StageBundle:
+    """The pipeline's stages for a projection: the configured detector, ``encoder`` and no fine-tune.
+
+    A projection keeps no edit, so prepare's head mask is left empty and nothing is inpainted.
+    """
+    from fluidsrv.pipeline import StageBundle
+
+    return StageBundle(
+        generator=generator, detector=build_detector(settings, {})[1], encoder=encoder, segmenter=_NoHeadMask(),
+        inpainter=_NoInpainting(), previewer=build_stage(settings, device, "previewer", PREVIEWER, {}),
+        device=device, finetune="none")
+
+
+def invert(
+    args: argparse.Namespace, settings: Any, device: Any, generator: Any, encoder: Any, frames: list[np.ndarray]
+) -> tuple[np.ndarray, Any, Any]:
+    """Return (the face, uint8 RGB [R, R, 3]; w; ws): found, aligned and encoded by the pipeline's detect and
+    prepare, or with ``--aligned`` PHOTO resized to the generator's resolution and encoded as it is."""
     from PIL import Image
 
-    from fluidsrv.geometry import align_face, face_landmarks
+    from fluidsrv import pipeline
+    from fluidsrv.convert import image_to_tensor
 
     photo = read_photo(args.photo, settings.max_pixels)
-    if args.aligned:
-        resized = Image.fromarray(photo).resize((resolution, resolution), Image.Resampling.LANCZOS)
-        return np.asarray(resized)
-    faces = first_available_detector(settings).detect(photo)
+    if args.aligned:  # nothing to detect or align: no detector is needed
+        side = generator.resolution
+        face = np.asarray(Image.fromarray(photo).resize((side, side), Image.Resampling.LANCZOS))
+        latents = drive(encoder.encode(image_to_tensor(face, device), generator), frames)
+        return face, latents.w, latents.ws
+    stages = projection_stages(settings, device, generator, encoder)
+    faces = pipeline.detect_faces(stages.detector, photo)
     if not faces:
         raise CliError(f"{args.photo}: no face found (pass --aligned if it is already an aligned crop)")
     if not 0 <= args.face < len(faces):
-        raise CliError(f"--face {args.face}: only {len(faces)} face(s) found")
-    return align_face(photo, face_landmarks(faces[args.face]), size=resolution).inner_image
+        raise CliError(f"--face {args.face}: only {len(faces)} face(s) found (numbered left to right from 0)")
+    made = drive(pipeline.prepare(stages, photo, faces, args.face), frames)
+    prepared = made.prepared
+    return prepared.alignment.inner_image, prepared.w, prepared.ws
 
 
-def first_available_detector(settings: Any) -> Any:
-    """Build the first detector of the configured preference list that is available, or raise CliError."""
-    return build_detector(settings, {})[1]
+class _NoHeadMask:
+    """The segmenter of a projection: an empty head mask (prepare wants one; a projection keeps no edit)."""
+
+    def parse(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        """Empty ``face`` and ``hair`` masks, float32 [H, W]."""
+        empty = np.zeros(image.shape[:2], dtype=np.float32)
+        return {"face": empty, "hair": empty}
+
+
+class _NoInpainting:
+    """The inpainter of a projection: prepare never inpaints (only a "replace" finalize does)."""
+
+    def inpaint(self, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """``image`` unchanged."""
+        return image
 
 
 def build_stage(settings: Any, device: Any, stage: str, name: str, options: dict[str, Any]) -> Any:
@@ -145,12 +186,18 @@ def build_stage(settings: Any, device: Any, stage: str, name: str, options: dict
 
 
 def drive(job: Any, frames: list[np.ndarray]) -> Any:
-    """Run a step job to the end, collecting its frames and printing progress about ten times; return its result."""
+    """Run a step job to the end, collecting its frames and printing progress about ten times; return its result.
+
+    Prepare's align and distill steps (UNSHOWN_STAGES) are skipped: the aligned face is the left half of every
+    frame already.
+    """
     while True:
         try:
             progress = next(job)
         except StopIteration as stop:
             return stop.value
+        if progress.stage in UNSHOWN_STAGES:
+            continue
         if progress.frame is not None:
             frames.append(progress.frame)
         if progress.step == progress.total or progress.step % max(1, progress.total // 10) == 0:
