@@ -25,7 +25,8 @@ def register(subparsers: Any) -> None:
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "faces",
         help="list the faces found in a photo",
-        description="Detect faces in PHOTO and print box, score and landmark count of each, numbered left to right as the server and `fluidsrv edit` number them.",
+        description="Detect faces in PHOTO and print box, score and landmark count of each, numbered left to right "
+        "(as the server and `fluidsrv edit` number them).",
     )
     parser.add_argument("photo", type=Path, help="the photo (JPEG, PNG, WebP, ...)")
     parser.add_argument("--detector", help="detector plugin name (default: settings, i.e. $FLUIDSRV_DETECTOR or dlib)")
