@@ -117,16 +117,15 @@ def load_cli_generator(name: str, settings: Any, device: Any) -> Any:
 
 
 def projection_stages(settings: Any, device: Any, generator: Any, encoder: Any) -> StageBundle:
-    """The pipeline's stages for a projection: the configured detector, ``encoder`` and no fine-tune.
-
-    A projection keeps no edit, so prepare's head mask is left empty and nothing is inpainted.
-    """
+    """The pipeline's stages for a projection: the configured detector, segmenter and inpainter, ``encoder``, the
+    generator previewer and no fine-tune (``--pti`` fine-tunes here, filmed)."""
     from fluidsrv.pipeline import StageBundle
 
     return StageBundle(
-        generator=generator, detector=build_detector(settings, {})[1], encoder=encoder, segmenter=_NoHeadMask(),
-        inpainter=_NoInpainting(), previewer=build_stage(settings, device, "previewer", PREVIEWER, {}),
-        device=device, finetune="none")
+        generator=generator, detector=build_detector(settings, {})[1], encoder=encoder,
+        segmenter=configured_stage(settings, device, "segmenter"),
+        inpainter=configured_stage(settings, device, "inpainter"),
+        previewer=build_stage(settings, device, "previewer", PREVIEWER, {}), device=device, finetune="none")
 
 
 def invert(
@@ -156,21 +155,15 @@ def invert(
     return prepared.alignment.inner_image, prepared.w, prepared.ws
 
 
-class _NoHeadMask:
-    """The segmenter of a projection: an empty head mask (prepare wants one; a projection keeps no edit)."""
+def configured_stage(settings: Any, device: Any, stage: str) -> Any:
+    """Build the first available plugin of ``stage`` among the settings' preferences, or raise CliError."""
+    from fluidsrv.plugins import PluginError, catalog_for
 
-    def parse(self, image: np.ndarray) -> dict[str, np.ndarray]:
-        """Empty ``face`` and ``hair`` masks, float32 [H, W]."""
-        empty = np.zeros(image.shape[:2], dtype=np.float32)
-        return {"face": empty, "hair": empty}
-
-
-class _NoInpainting:
-    """The inpainter of a projection: prepare never inpaints (only a "replace" finalize does)."""
-
-    def inpaint(self, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """``image`` unchanged."""
-        return image
+    try:
+        name = catalog_for(settings, device=device).first_available(stage, settings.stage_preferences(stage))
+    except PluginError as error:
+        raise CliError(str(error)) from None
+    return build_stage(settings, device, stage, name, {})
 
 
 def build_stage(settings: Any, device: Any, stage: str, name: str, options: dict[str, Any]) -> Any:
