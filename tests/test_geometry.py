@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from fluidsrv import geometry
+from fluidsrv.crops import crop_corners
 from fluidsrv.geometry import Alignment, CropName, CropTransform, align_face, face_landmarks, ffhq_quad
 from fluidsrv.paste import paste_back
 from fluidsrv.resample import map_points
@@ -160,7 +161,7 @@ def test_ffhq_quad_rejects_bad_landmarks() -> None:
 )
 def test_crop_transform_maps_the_quad_onto_the_crop_exactly(quad: list[list[float]]) -> None:
     transform = CropTransform(np.array(quad), 512)
-    np.testing.assert_allclose(transform.to_crop_points(np.array(quad)), geometry.crop_corners(512), atol=1e-9)
+    np.testing.assert_allclose(transform.to_crop_points(np.array(quad)), crop_corners(512), atol=1e-9)
     points = np.random.default_rng(0).uniform(-100, 600, size=(50, 2))
     np.testing.assert_allclose(transform.to_photo_points(transform.to_crop_points(points)), points, atol=1e-9)
     product = transform.to_crop @ transform.from_crop  # identity up to the projective scale
@@ -360,7 +361,7 @@ def test_ffhq_aligned_photos_realign_to_the_identity(shared_dir: Path, landmarke
         photo = load_rgb(shared_dir / "photos" / name)
         assert photo.shape == (1024, 1024, 3)
         transform = CropTransform(ffhq_quad(landmarker(photo)), 1024)
-        assert np.abs(transform.quad - geometry.crop_corners(1024)).max() < 0.02 * 1024, name
+        assert np.abs(transform.quad - crop_corners(1024)).max() < 0.02 * 1024, name
         top = transform.quad[3] - transform.quad[0]
         assert abs(np.degrees(np.arctan2(top[1], top[0]))) < 1.0, name
         assert transform.scale == pytest.approx(1.0, abs=0.03), name
