@@ -89,7 +89,8 @@ def preview_side(resolution: int) -> int:
 
 
 def detect_faces(detector: Detector, pixels: np.ndarray) -> tuple[Face, ...]:
-    """Device: the faces of ``pixels`` (uint8 RGB [H, W, 3]), numbered left to right (then top to bottom)."""
+    """Detection (on a thread: it never touches the generator): the faces of ``pixels`` (uint8 RGB [H, W, 3]),
+    numbered left to right (then top to bottom)."""
     faces = detector.detect(pixels)
     return tuple(sorted(faces, key=lambda face: (face.box[0] + face.box[2], face.box[1] + face.box[3])))
 

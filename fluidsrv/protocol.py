@@ -24,7 +24,7 @@ import json
 import math
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from fluidsrv.errors import UserError
 
@@ -64,7 +64,7 @@ class HistoryMessage:
     """Undo or redo the slider history; the answer and the new frame carry ``seq``."""
 
     seq: int
-    action: str  # "undo" or "redo"
+    action: Literal["undo", "redo"]
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ def parse_client_message(text: str | bytes, max_bytes: int) -> ClientMessage:
     if kind == "ping":
         return PingMessage()
     if kind in ("undo", "redo"):
-        return HistoryMessage(seq=_parse_seq(data.get("seq")), action=kind)
+        return HistoryMessage(seq=_parse_seq(data.get("seq")), action="undo" if kind == "undo" else "redo")
     if kind != "sliders":
         raise bad_request(f"unknown message type {kind!r}", "malformed_message")
     return SliderMessage(
@@ -191,7 +191,7 @@ MAX_PROMPT_CHARS = 100
 MAX_MORPH_FACES = 8
 MAX_VIDEO_FRAMES = 480
 VIDEO_TYPES = {"mp4": "video/mp4", "gif": "image/gif"}
-MAX_LAYER_INDEX = 64
+MAX_LAYER_INDEX = 10_000
 
 LayerSpec = str | tuple[int, int]
 """A ws layer range as sent: a preset name ("coarse", "middle", "fine") or [start, stop); the service resolves it
@@ -261,16 +261,17 @@ def _object(data: Any) -> dict[str, Any]:
 
 def parse_layer_spec(raw: Any) -> LayerSpec:
     """Parse ``[start, stop]`` or a preset name; the range is checked against num_ws by the service."""
-    if isinstance(raw, str) and 0 < len(raw) <= 32:
+    if isinstance(raw, str) and len(raw) <= 32:
         return raw
     if (
         isinstance(raw, list)
         and len(raw) == 2
         and all(isinstance(value, int) and not isinstance(value, bool) for value in raw)
-        and 0 <= raw[0] < raw[1] <= MAX_LAYER_INDEX
+        and all(0 <= value <= MAX_LAYER_INDEX for value in raw)
     ):
         return raw[0], raw[1]
-    raise bad_request('"layers" must be [start, stop] with 0 <= start < stop <= num_ws, or a preset', "bad_layers")
+    raise bad_request('"layers" must be [start, stop] (0 <= start < stop <= the generator\'s num_ws), or a preset',
+                      "bad_layers")
 
 
 def _bounded_int(data: dict[str, Any], key: str, default: int, low: int, high: int) -> int:

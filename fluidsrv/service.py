@@ -2,8 +2,8 @@
 
 :class:`EditService` owns a session's life: creating it from an upload, preparing a face as a background
 job, previews, slider history, finalize, on-demand directions and the latent tools. It moves the status
-(:class:`~fluidsrv.session.model.Status`), persists sessions at every committed change, keeps the table of
-running jobs, cancels a job when its last subscriber leaves and expires idle sessions. What happens is
+(:class:`~fluidsrv.session.model.Status`), persists sessions when a stage completes, keeps the table of
+running jobs, cancels a session's jobs when its last subscriber leaves and expires idle sessions. What happens is
 published as :data:`Event` values to the subscribers of a session (the web's websockets, the CLI's progress
 bar). Device work goes through the one :class:`~fluidsrv.executor.GpuExecutor`; image composition and
 encoding run on threads off its worker, so they never delay another session's preview.
@@ -15,36 +15,31 @@ below are re-exported here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import Any, Literal
 
 from fluidsrv import latents, pipeline
 from fluidsrv.convert import encode_preview
 from fluidsrv.errors import UserError
 from fluidsrv.executor import SUPERSEDED, ExecutorError, GpuExecutor, Priority
 from fluidsrv.image_io import decode_image, encode_image, face_thumbnail
+from fluidsrv.latent_tools import LatentTools
 from fluidsrv.plugins import PluginError, PluginInfo
 from fluidsrv.protocol import (
-    FaceRef,
     LayerSpec,
-    LoopRequest,
-    MixRequest,
-    MorphRequest,
     SefaRequest,
     TextRequest,
 )
 from fluidsrv.runtime import Runtime
-from fluidsrv.session.model import JobProgress, Session, Status, StatusError, Upload
+from fluidsrv.session.model import JobProgress, Session, Status, Upload
 from fluidsrv.session.store import SessionError, SessionStore, StoreStats, TooManySessionsError
 from fluidsrv.settings import Settings
 from fluidsrv.stages import Direction, Face, Progress
-from fluidsrv.videos import encode_video, render_frames, render_job
 
 __all__ = [
     "PREVIEW_FORMAT",
@@ -70,7 +65,6 @@ PREVIEW_FORMAT = "webp"
 EXPIRY_INTERVAL_SECONDS = 60.0
 ABANDONED_UPLOAD_SECONDS = 120.0  # a full server may delete uploads idle this long whose face was never picked
 THUMBNAIL_SIDE = 96
-MAX_VIDEO_FRAMES = 480
 
 
 # ---- events ------------------------------------------------------------------------------------------------
@@ -78,11 +72,12 @@ MAX_VIDEO_FRAMES = 480
 
 @dataclass(frozen=True)
 class ProgressEvent:
-    """A running job's step, with its intermediate image (encoded as PREVIEW_FORMAT) when it has one."""
+    """A running job's step, with an intermediate image (encoded as PREVIEW_FORMAT) and the step it was made at."""
 
     session_id: str
     progress: JobProgress
     frame: bytes | None = None
+    frame_step: int = 0
 
 
 @dataclass(frozen=True)
@@ -123,7 +118,7 @@ def _user_message(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
-class EditService:
+class EditService(LatentTools):
     """The use cases of the product over one runtime, one session store and one device executor."""
 
     def __init__(self, runtime: Runtime, store: SessionStore, executor: GpuExecutor,
@@ -138,6 +133,7 @@ class EditService:
         self._next_subscription = 0
         self._background: set[asyncio.Task[Any]] = set()
         self._expiry: asyncio.Task[None] | None = None
+        self._closing = False
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
 
@@ -157,6 +153,7 @@ class EditService:
 
     async def close(self) -> None:
         """Cancel the running jobs, stop the executor and write every session to disk."""
+        self._closing = True  # a prepare cancelled now was interrupted, not abandoned
         if self._expiry is not None:
             self._expiry.cancel()
         for job in list(self._jobs.values()):
@@ -175,8 +172,8 @@ class EditService:
     def subscribe(self, session_id: str, subscriber: Subscriber) -> Callable[[], None]:
         """Call ``subscriber`` with every event of the session; returns the unsubscribe function.
 
-        When the last subscriber of a session leaves while it is preparing, that job is cancelled (nobody
-        waits for it any more).
+        When the last subscriber of a session leaves while a job of it runs (prepare, finalize), that job is
+        cancelled: nobody waits for it any more.
         """
         self._next_subscription += 1
         key = self._next_subscription
@@ -207,12 +204,14 @@ class EditService:
         def forward(progress: Progress) -> None:
             facts = JobProgress(progress.stage, progress.step, progress.total, progress.message)
             session.progress = facts
-            previous = self._latest_progress.get(session.id)
-            frame = previous.frame if previous is not None else None
             if progress.frame is not None:
-                frame = encode_preview(progress.frame, PREVIEW_FORMAT)
-            event = ProgressEvent(session.id, facts, frame if progress.frame is not None else None)
-            self._latest_progress[session.id] = ProgressEvent(session.id, facts, frame)
+                event = ProgressEvent(session.id, facts, encode_preview(progress.frame, PREVIEW_FORMAT), progress.step)
+                self._latest_progress[session.id] = event
+            else:
+                event = ProgressEvent(session.id, facts)
+                previous = self._latest_progress.get(session.id)  # a client that joins still sees the last image
+                self._latest_progress[session.id] = ProgressEvent(
+                    session.id, facts, previous.frame if previous else None, previous.frame_step if previous else 0)
             self._publish(session.id, event)
 
         return forward
@@ -309,16 +308,16 @@ class EditService:
             await asyncio.gather(job, return_exceptions=True)
 
     async def _prepare(self, session: Session, face_index: int) -> None:
-        stages = self.runtime.stages()
         version = (session.prepared.version if session.prepared is not None else 0) + 1
         upload = session.upload
         with self.store.pinned(session):
             try:
+                stages = self.runtime.stages()
                 made = await self.executor.run_job(
                     lambda: pipeline.prepare(stages, upload.pixels, upload.faces, face_index, version=version),
                     priority=Priority.ENCODE, owner=session.id, on_progress=self._progress_handler(session))
             except asyncio.CancelledError:
-                session.move_to(Status.CANCELLED)
+                session.move_to(Status.INTERRUPTED if self._closing else Status.CANCELLED)
                 return
             except Exception as error:
                 log.exception("preparing session %s failed", session.id)
@@ -333,7 +332,12 @@ class EditService:
             session.edit.reset()
             session.result = None
             session.move_to(Status.READY)
-            await asyncio.to_thread(self.store.persist, session)
+            try:
+                await asyncio.to_thread(self.store.persist, session)
+            except SessionError:
+                return  # deleted while it was being prepared
+            except Exception:
+                log.exception("session %s is ready but could not be written to disk", session.id)
             self._publish(session.id, ReadyEvent(session))
 
     # ---- sliders and previews ------------------------------------------------------------------------------
@@ -354,12 +358,22 @@ class EditService:
             raise UserError(f"unknown sliders: {', '.join(unknown[:5])}", status=422, code="unknown_slider")
         session.edit.set_sliders(values, record=commit)
 
-    async def step_history(self, session: Session, action: str) -> bool:
-        """Undo or redo (``action``) the slider history; return whether the state changed."""
+    async def step_history(self, session: Session, action: Literal["undo", "redo"], *, wait: bool = True) -> bool:
+        """Undo or redo the slider history; return whether the state changed.
+
+        The store is told of the change; with ``wait=False`` (the websocket) that happens in the background, so the
+        answer never waits behind another session's disk write.
+        """
         changed = session.edit.undo() if action == "undo" else session.edit.redo()
-        if changed:
+        if changed and wait:
             await asyncio.to_thread(self.store.update, session)
+        elif changed:
+            self.spawn(asyncio.to_thread(self._update_quietly, session))
         return changed
+
+    def _update_quietly(self, session: Session) -> None:
+        with contextlib.suppress(SessionError, RuntimeError):  # deleted meanwhile, or the server is shutting down
+            self.store.update(session)
 
     async def preview(self, session: Session, owner: str, values: dict[str, float]) -> bytes | None:
         """Render the preview of ``values`` as PREVIEW_FORMAT bytes; None when a newer one of ``owner`` replaced it.
@@ -401,13 +415,16 @@ class EditService:
 
     async def _finalize(self, session: Session) -> bytes:
         prepared = session.require_ready()
-        runtime, stages = self.runtime, self.runtime.stages()
-        ws = pipeline.edited_ws(prepared.ws, self.session_directions(session), session.edit.sliders, runtime.spread)
+        runtime = self.runtime
+        directions, sliders = self.session_directions(session), dict(session.edit.sliders)
         forward = self._progress_handler(session)
         with self.store.pinned(session):
             try:
+                stages = runtime.stages()
+
                 def job() -> Any:
                     generator, _ = runtime.session_models(session.id, prepared)
+                    ws = pipeline.edited_ws(prepared.ws, directions, sliders, runtime.spread)
                     return pipeline.render_final(stages, generator, prepared, ws)
 
                 renders = await self.executor.run_job(job, priority=Priority.FINALIZE, owner=session.id,
@@ -420,8 +437,6 @@ class EditService:
                 raise UserError("finalizing was cancelled", status=409, code="cancelled") from None
             except ExecutorError as error:
                 raise UserError(str(error), status=503, code="out_of_memory") from None
-            except pipeline.PipelineError as error:
-                raise StatusError(str(error)) from None
             except Exception as error:
                 log.exception("finalizing session %s failed", session.id)
                 raise UserError(f"finalizing failed: {_user_message(error)}", status=500,
@@ -479,57 +494,6 @@ class EditService:
         session.edit.add_directions(found)
         await asyncio.to_thread(self.store.update, session)
         return found
-
-    # ---- latent tools (base generator, the sessions' inverted ws) -----------------------------------------
-
-    async def _face_ws(self, reference: FaceRef) -> torch.Tensor:
-        """The ws [1, num_ws, w_dim] of a prepared session named by id and token."""
-        try:
-            session = await self.open(reference.session_id, reference.token)
-        except SessionError as error:
-            raise UserError(f"face {reference.session_id[:8]}…: {error}", status=error.status,
-                            code=error.code) from None
-        if session.prepared is None:
-            raise UserError("every face must be picked and prepared before it can be used here", status=409,
-                            code="not_ready")
-        return session.prepared.ws
-
-    async def mix(self, request: MixRequest) -> bytes:
-        """Mix two faces (styles by layer range, or "more like" by percent); return a PNG."""
-        ws_a, ws_b = [await self._face_ws(face) for face in request.faces]
-        if request.percent is not None:
-            mixed = latents.more_like(ws_a, ws_b, request.percent)
-        else:
-            mixed = latents.mix_styles(ws_a, ws_b, *self.layer_range(request.layers))
-        runtime = self.runtime
-
-        frames = await self.executor.run(lambda: render_frames(runtime.generator, mixed), priority=Priority.FINALIZE)
-        image = frames[0]  # [H, W, 3]
-        return await asyncio.to_thread(encode_image, image, "png")
-
-    async def morph(self, request: MorphRequest) -> bytes:
-        """A video morphing through the faces (MP4 or GIF bytes)."""
-        keyframes = torch.cat([await self._face_ws(face) for face in request.faces])  # [K, num_ws, w_dim]
-        path = latents.morph_path(keyframes, request.frames_per_transition, loop=request.loop)
-        if path.shape[0] > MAX_VIDEO_FRAMES:
-            raise UserError(f"that would be {path.shape[0]} frames; at most {MAX_VIDEO_FRAMES}", status=422,
-                            code="bad_request")
-        return await self._video(path, request.format)
-
-    async def loop(self, request: LoopRequest) -> bytes:
-        """A seamless "deform loop" video of one face (MP4 or GIF bytes)."""
-        ws = await self._face_ws(request.face)
-        layers = None if request.layers is None else self.layer_range(request.layers)
-        path = latents.deform_loop(ws, request.frames, layers=layers, amplitude=request.amplitude,
-                                   spread=self.runtime.spread, seed=request.seed)
-        return await self._video(path, request.format)
-
-    async def _video(self, path: torch.Tensor, kind: str) -> bytes:
-        """Render on the executor batch by batch (previews interleave), then encode on a thread."""
-        runtime = self.runtime
-        frames = await self.executor.run_job(lambda: render_job(runtime.generator, path, runtime.device),
-                                             priority=Priority.ENCODE)
-        return await asyncio.to_thread(encode_video, frames, kind)
 
     # ---- server facts and administration -------------------------------------------------------------------
 

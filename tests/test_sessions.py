@@ -648,12 +648,12 @@ def test_move_to_allows_exactly_the_listed_transitions(source: Status) -> None:
             assert session.status == source  # unchanged
 
 
-def test_moving_away_from_preparing_clears_progress_and_sets_the_error() -> None:
-    session = bare_session()
-    session.move_to(Status.PREPARING)
+def test_every_move_clears_the_last_jobs_progress_and_sets_the_error() -> None:
+    session = bare_session(Status.READY)
+    session.progress = JobProgress("finalize", 3, 3, "encoded")  # the last finalize's
+    session.move_to(Status.PREPARING)  # picking the face again starts from no progress
+    assert session.progress is None
     session.progress = JobProgress("encode", 3, 10, "inverting")
-    session.move_to(Status.PREPARING)  # staying: the progress stays
-    assert session.progress == JobProgress("encode", 3, 10, "inverting")
     session.move_to(Status.FAILED, error="out of memory")
     assert (session.status, session.error, session.progress) == (Status.FAILED, "out of memory", None)
     session.move_to(Status.PREPARING)  # retrying forgets the old error

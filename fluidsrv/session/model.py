@@ -64,7 +64,7 @@ class JobProgress:
     message: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Upload:
     """The uploaded photo: its bytes, decoded pixels and metadata, file name and the faces found in it."""
 
@@ -83,7 +83,7 @@ class Upload:
         return int(self.pixels.shape[1]), int(self.pixels.shape[0])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Prepared:
     """A prepared face: its alignment, inversion, fine-tuning delta, preview student and preview references."""
 
@@ -233,12 +233,10 @@ class Session:
         return self.prepared.face_index if self.prepared is not None else None
 
     def move_to(self, status: Status, *, error: str | None = None) -> None:
-        """Change the status along an allowed transition (see TRANSITIONS); clears progress unless preparing."""
+        """Change the status along an allowed transition (see TRANSITIONS); the last job's progress is cleared."""
         if status != self.status and status not in TRANSITIONS[self.status]:
             raise StatusError(f"a session that is {self.status} cannot become {status}")
-        self.status, self.error = status, error
-        if status != Status.PREPARING:
-            self.progress = None
+        self.status, self.error, self.progress = status, error, None
 
     def require_ready(self) -> Prepared:
         """Return the prepared face, or raise StatusError unless the session is ready."""

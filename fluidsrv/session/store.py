@@ -218,13 +218,6 @@ class SessionStore:
         if last_used is not None and last_used <= self._clock() - self.ttl_seconds and not self._pins[session_id]:
             raise UnknownSessionError("this session has expired")  # deleted by the next get() or expire()
 
-    def peek(self, session_id: str) -> Session | None:
-        """Return the in-memory session without authorising, touching or restoring it (None if spilled).
-
-        Safe to call on the event loop (no lock).
-        """
-        return self._live.get(session_id)
-
     def get(self, session_id: str, token: str) -> Session:
         """Return the session (restored from disk if it was spilled) and mark it used."""
         with self._lock:

@@ -21,20 +21,24 @@ from starlette.staticfiles import StaticFiles
 from fluidsrv import __version__
 from fluidsrv.errors import UserError
 from fluidsrv.protocol import ApiError, parse_face_choice, parse_stage_switch
-from fluidsrv.service import EditService, Session, Status
+from fluidsrv.service import EditService, Status
 from fluidsrv.settings import REPO_ROOT, Settings
 from fluidsrv.web import tools
-from fluidsrv.web.requests import ClientRateLimiter, json_body, read_upload, require_admin, service_of, token_of
+from fluidsrv.web.requests import (
+    ClientRateLimiter,
+    json_body,
+    open_session,
+    read_upload,
+    require_admin,
+    service_of,
+    token_of,
+)
 from fluidsrv.web.socket import session_socket
 from fluidsrv.web.views import direction_view, session_view
 
 log = logging.getLogger(__name__)
 
 STATIC_DIR = REPO_ROOT / "static"
-
-
-async def _session(request: Request) -> Session:
-    return await service_of(request).open(request.path_params["session_id"], token_of(request))
 
 
 async def health(request: Request) -> JSONResponse:
@@ -104,7 +108,7 @@ async def create_session(request: Request) -> JSONResponse:
 
 async def get_session(request: Request) -> JSONResponse:
     """Return a session's state."""
-    session = await _session(request)
+    session = await open_session(request)
     thumbnails = await service_of(request).face_thumbnails(session) if request.query_params.get(
         "thumbnails") == "1" else None
     return JSONResponse(session_view(session, thumbnails))
@@ -112,21 +116,21 @@ async def get_session(request: Request) -> JSONResponse:
 
 async def delete_session(request: Request) -> Response:
     """Delete a session, its jobs, sockets and everything it stored."""
-    session = await _session(request)
+    session = await open_session(request)
     await service_of(request).delete(session, token_of(request))
     return Response(status_code=204)
 
 
 async def original(request: Request) -> Response:
     """Return the uploaded photo, byte for byte."""
-    session = await _session(request)
+    session = await open_session(request)
     return Response(session.upload.data, media_type="application/octet-stream")
 
 
 async def choose_face(request: Request) -> JSONResponse:
     """Pick a face: starts align → encode → fine-tune → distill as one job (progress on the websocket)."""
     service = service_of(request)
-    session = await _session(request)
+    session = await open_session(request)
     index = parse_face_choice(await json_body(request), len(session.faces))
     await service.prepare(session, index)
     return JSONResponse(session_view(session), status_code=202)
@@ -134,9 +138,8 @@ async def choose_face(request: Request) -> JSONResponse:
 
 async def history(request: Request) -> JSONResponse:
     """Undo or redo the slider history (``/undo`` or ``/redo``)."""
-    session = await _session(request)
-    action = request.url.path.rsplit("/", 1)[-1]
-    changed = await service_of(request).step_history(session, action)
+    session = await open_session(request)
+    changed = await service_of(request).step_history(session, "undo" if request.url.path.endswith("/undo") else "redo")
     body = session_view(session)
     body["changed"] = changed
     return JSONResponse(body)
@@ -144,7 +147,7 @@ async def history(request: Request) -> JSONResponse:
 
 async def finalize(request: Request) -> JSONResponse:
     """Render the edit at full quality, paste it into the photo and keep the JPEG for download."""
-    session = await _session(request)
+    session = await open_session(request)
     if session.status != Status.READY:
         raise ApiError(409, "not_ready", "pick a face and wait until it is ready before finalizing")
     await service_of(request).finalize(session)
@@ -153,7 +156,7 @@ async def finalize(request: Request) -> JSONResponse:
 
 async def result(request: Request) -> Response:
     """Download the finalized photo (JPEG at the upload's resolution)."""
-    session = await _session(request)
+    session = await open_session(request)
     if session.result is None:
         raise ApiError(404, "no_result", "this session has not been finalized yet")
     stem = str(session.upload.filename or "photo").rsplit(".", 1)[0] or "photo"

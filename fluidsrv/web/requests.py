@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.websockets import WebSocket
 
 from fluidsrv.protocol import ApiError
-from fluidsrv.service import EditService
+from fluidsrv.service import EditService, Session
 
 MAX_JSON_BYTES = 64 * 1024
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
@@ -28,6 +28,11 @@ def service_of(request: Request | WebSocket) -> EditService:
     """Return the running server's editing service."""
     service: EditService = request.app.state.service
     return service
+
+
+async def open_session(request: Request) -> Session:
+    """Return the session named in the path, authorised by the request's token."""
+    return await service_of(request).open(request.path_params["session_id"], token_of(request))
 
 
 async def json_body(request: Request) -> Any:

@@ -65,9 +65,17 @@ class Connection:
             with contextlib.suppress(RuntimeError, WebSocketDisconnect):
                 await self.socket.send_bytes(data)
 
-    async def send_error(self, code: str, message: str, seq: int | None = None) -> None:
-        """Send an error event (the socket stays open)."""
-        await self.send_text(event("error", code=code, message=message, seq=seq))
+    async def send_text_and_frame(self, text: str, frame: bytes | None) -> None:
+        """Send a JSON event and its frame back to back, so no other message comes between them."""
+        async with self.send_lock:
+            with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+                await self.socket.send_text(text)
+                if frame is not None:
+                    await self.socket.send_bytes(frame)
+
+    async def send_error(self, code: str, message: str, **fields: int | None) -> None:
+        """Send an error event (the socket stays open); ``seq=`` names the message it answers."""
+        await self.send_text(event("error", code=code, message=message, **fields))
 
     async def offer_preview(self, arrival: int, frame: bytes) -> None:
         """Send a preview frame, or leave it as the one waiting frame while an earlier one is being sent."""
@@ -93,10 +101,11 @@ class Connection:
     async def _forward(self, happened: Event) -> None:
         if isinstance(happened, ProgressEvent):
             progress = happened.progress
-            await self.send_text(event("progress", **progress_view(progress.stage, progress.step, progress.total,
-                                                                   progress.message)))
+            text = event("progress", **progress_view(progress.stage, progress.step, progress.total, progress.message))
+            frame = None
             if happened.frame is not None:
-                await self.send_bytes(encode_frame(progress.step, happened.frame, PREVIEW_FORMAT, kind="progress"))
+                frame = encode_frame(happened.frame_step, happened.frame, PREVIEW_FORMAT, kind="progress")
+            await self.send_text_and_frame(text, frame)
         elif isinstance(happened, ReadyEvent):
             await self.send_text(event("ready", **session_view(happened.session)))
         elif isinstance(happened, FailedEvent):
@@ -147,12 +156,12 @@ async def _receive_loop(connection: Connection) -> None:
             await connection.send_error("malformed_message", "send JSON text messages, not binary")
             continue
         if not connection.messages.take(time.monotonic()):
-            await connection.send_error("rate_limited", "too many messages; slow down")
+            await connection.send_error("rate_limited", "too many messages; slow down", seq=None)
             continue
         try:
             parsed = parse_client_message(text, service.settings.max_ws_message_bytes)
         except UserError as error:
-            await connection.send_error(error.code, error.message)
+            await connection.send_error(error.code, error.message, seq=None)
             continue
         if isinstance(parsed, PingMessage):
             await connection.send_text(event("pong"))
@@ -163,13 +172,13 @@ async def _receive_loop(connection: Connection) -> None:
             else:
                 await _on_history(connection, parsed)
         except UserError as error:
-            await connection.send_error(error.code, error.message, parsed.seq)
+            await connection.send_error(error.code, error.message, seq=parsed.seq)
 
 
 async def _on_sliders(connection: Connection, message: SliderMessage) -> None:
     session = connection.session
     if session.status != Status.READY:
-        await connection.send_error("not_ready", "the face is not ready yet", message.seq)
+        await connection.send_error("not_ready", "the face is not ready yet", seq=message.seq)
         return
     connection.service.set_sliders(session, dict(message.values), commit=message.commit)
     _request_preview(connection, message.seq, dict(message.values))
@@ -177,7 +186,7 @@ async def _on_sliders(connection: Connection, message: SliderMessage) -> None:
 
 async def _on_history(connection: Connection, message: HistoryMessage) -> None:
     session = connection.session
-    changed = await connection.service.step_history(session, message.action)
+    changed = await connection.service.step_history(session, message.action, wait=False)
     history = session.edit.history
     await connection.send_text(event("sliders", seq=message.seq, values=session.edit.sliders, changed=changed,
                                      can_undo=bool(history.undo_stack), can_redo=bool(history.redo_stack)))
@@ -197,11 +206,11 @@ async def _send_preview(connection: Connection, seq: int, arrival: int, values: 
     except asyncio.CancelledError:
         return
     except UserError as error:
-        await connection.send_error(error.code, error.message, seq)
+        await connection.send_error(error.code, error.message, seq=seq)
         return
     except Exception as error:
         log.exception("preview failed")
-        await connection.send_error("preview_failed", str(error) or type(error).__name__, seq)
+        await connection.send_error("preview_failed", str(error) or type(error).__name__, seq=seq)
         return
     if image is not None:
         await connection.offer_preview(arrival, encode_frame(seq, image, PREVIEW_FORMAT))

@@ -20,32 +20,27 @@ from fluidsrv.protocol import (
     parse_sefa_request,
     parse_text_request,
 )
-from fluidsrv.service import Session
-from fluidsrv.web.requests import json_body, service_of, token_of
+from fluidsrv.web.requests import json_body, open_session, service_of
 from fluidsrv.web.views import direction_view
-
-
-async def _session(request: Request) -> Session:
-    return await service_of(request).open(request.path_params["session_id"], token_of(request))
 
 
 async def session_directions(request: Request) -> JSONResponse:
     """List a session's sliders: the shared directions and the ones it added."""
-    session = await _session(request)
+    session = await open_session(request)
     sliders = service_of(request).session_directions(session)
     return JSONResponse({"directions": [direction_view(direction) for direction in sliders.values()]})
 
 
 async def sefa_directions(request: Request) -> JSONResponse:
     """Compute the top-k SeFa directions of a layer range and add them as sliders of this session."""
-    session = await _session(request)
+    session = await open_session(request)
     found = await service_of(request).add_sefa_directions(session, parse_sefa_request(await json_body(request)))
     return JSONResponse({"directions": [direction_view(direction) for direction in found]})
 
 
 async def text_direction(request: Request) -> JSONResponse:
     """Find the direction of a text prompt (CLIP) and add it as a slider of this session."""
-    session = await _session(request)
+    session = await open_session(request)
     service = service_of(request)
     service.require_text_prompts()  # say so before complaining about the body
     found = await service.add_text_direction(session, parse_text_request(await json_body(request)))
