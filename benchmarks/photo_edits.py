@@ -446,6 +446,11 @@ async def finalized(
     return preview, edited, seconds
 
 
+
+def box_area(box: list[float]) -> float:
+    """Area of an API face box [x0, y0, x1, y1]."""
+    return max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
+
 async def measure_photo(
     http: httpx.AsyncClient, ws_base: str, path: Path, edits: list[Edit], measurer: Measurer, out: Path
 ) -> dict[str, Any]:
@@ -461,8 +466,9 @@ async def measure_photo(
         original = await asyncio.to_thread(decode_pixels, data)
         if original.shape[:2] != (created["height"], created["width"]):
             raise ApiError(f"decoded {original.shape[:2]}, the server {created['height']}x{created['width']}")
-        checked(await http.post(f"/api/sessions/{sid}/face", json={"index": 0}, headers=headers))
-        ref = await asyncio.to_thread(measurer.reference, original, created["faces"][0]["box"])  # while it prepares
+        face = max(created["faces"], key=lambda found: box_area(found["box"]))  # faces are numbered left to right
+        checked(await http.post(f"/api/sessions/{sid}/face", json={"index": face["index"]}, headers=headers))
+        ref = await asyncio.to_thread(measurer.reference, original, face["box"])  # while it prepares
         await socket_.wait_ready()
         record["prepare_seconds"] = round(time.perf_counter() - started, 2)
         zero = await socket_.preview({}, commit=False)
