@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from fluidsrv.cli import CliError
+from fluidsrv.cli.faces import read_photo_bytes
 
 if TYPE_CHECKING:
     from fluidsrv.service import Direction, EditService, Event, Session
@@ -128,16 +129,6 @@ def check_output(path: Path) -> None:
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise CliError(f"-o {path}: the folder {folder} does not exist")
-
-
-def read_photo_bytes(path: Path) -> bytes:
-    """Return the bytes of the photo at ``path`` or raise CliError saying why it cannot be read."""
-    if path.is_dir():
-        raise CliError(f"{path} is a folder, not a photo")
-    try:
-        return path.read_bytes()
-    except OSError as error:
-        raise CliError(f"cannot read {path}: {error.strerror or error}") from None
 
 
 def check_generator(settings: Settings) -> None:

@@ -76,14 +76,21 @@ def parse_options(pairs: Sequence[str]) -> dict[str, str]:
     return options
 
 
+def read_photo_bytes(path: Path) -> bytes:
+    """Return the bytes of the photo at ``path`` or raise CliError saying why it cannot be read."""
+    if path.is_dir():
+        raise CliError(f"{path} is a folder, not a photo")
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise CliError(f"cannot read {path}: {error.strerror or error}") from None
+
+
 def read_photo(path: Path, max_pixels: int) -> np.ndarray:
     """Return the photo at ``path`` as uint8 RGB [H, W, 3], upright per its EXIF orientation."""
     from fluidsrv.image_io import ImageError, decode_image
 
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise CliError(f"cannot read {path}: {error.strerror or error}") from None
+    data = read_photo_bytes(path)
     try:
         return decode_image(data, max_pixels=max_pixels, max_bytes=None).pixels  # a local file: no upload limit
     except ImageError as error:
