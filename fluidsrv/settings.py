@@ -68,6 +68,16 @@ class Settings:
     session_memory_budget_bytes: int = 2 * 1024**3  # device tensors (w+, tuned weights) held by sessions
     session_host_budget_bytes: int = 4 * 1024**3  # uploads, pixels and crops held by sessions
     session_ttl_seconds: float = 6 * 3600.0
+    # fairness and admission on the one device worker
+    max_sockets_per_session: int = 4  # websockets open at once on one session (more are refused)
+    max_concurrent_prepares: int = 1  # faces prepared at once; later ones wait in line (told their place)
+    prepare_grace_seconds: float = 120.0  # a prepare keeps running this long after its last client left
+    long_job_share: float = 0.5  # share of the worker that prepare / finalize keep while previews wait
+    # bounded decoding: pixels being decoded at once (server-wide), and per client address each minute
+    decode_pixel_budget: int = 100_000_000
+    client_pixels_per_minute: int = 250_000_000
+    # addresses (comma-separated IPs or CIDRs) whose X-Forwarded-For / -Proto are believed; empty = none
+    forwarded_allow_ips: str = ""
 
     def __post_init__(self) -> None:
         choices = {"finetune": ("lowrank", "full", "none"), "photo_detail": ("transfer", "replace")}
@@ -75,6 +85,15 @@ class Settings:
             value = getattr(self, name)
             if value not in allowed:
                 raise SettingsError(f"FLUIDSRV_{name.upper()} must be one of {', '.join(allowed)}, not {value!r}")
+        positive = ("max_sockets_per_session", "max_concurrent_prepares", "decode_pixel_budget",
+                    "client_pixels_per_minute")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise SettingsError(f"FLUIDSRV_{name.upper()} must be at least 1, not {getattr(self, name)!r}")
+        if self.prepare_grace_seconds < 0:
+            raise SettingsError("FLUIDSRV_PREPARE_GRACE_SECONDS must not be negative")
+        if not 0.0 < self.long_job_share < 1.0:
+            raise SettingsError(f"FLUIDSRV_LONG_JOB_SHARE must be between 0 and 1, not {self.long_job_share!r}")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
