@@ -232,7 +232,7 @@ def test_every_access_needs_the_right_token(tmp_path: Path) -> None:
     for bad in (second_token, "", first_token[:-1], "ü" * 43, None):
         with pytest.raises(BadTokenError) as error:
             store.get(first.id, bad)  # type: ignore[arg-type]
-        assert error.value.status == 401
+        assert error.value.status == 404
         with pytest.raises(BadTokenError):
             store.check(first.id, bad)  # type: ignore[arg-type]
     for unknown in ("0" * 32, "../../etc/passwd", "", first.id.upper(), first.id + "0"):
@@ -720,3 +720,64 @@ def test_add_directions_keeps_the_newest_and_owns_float_copies_of_the_vectors() 
     source.fill_(7)  # the caller's tensor is not the session's
     assert not torch.equal(stored.vector, source.float())
     assert (stored.layers, stored.slider_range, stored.group, stored.provenance) == ((2, 5), (-1.0, 4.0), "G", "p")
+
+
+# ---- durable edits ------------------------------------------------------------------------------------------
+
+
+def test_a_recorded_edit_survives_a_store_that_never_closed(tmp_path: Path) -> None:
+    store = SessionStore(tmp_path)
+    session, token = filled_session(store, 3)
+    store.persist(session)
+    session.edit.set_sliders({"age": 2.5, "smile": 0.5})
+    session.edit.set_sliders({"age": -1.0})
+    assert session.edit.undo()
+    session.edit.add_directions(make_directions(11)[:1])
+    store.record_edit(session)
+    # the process dies here: no close(), no spill; a new store on the same directory is the restarted server
+    restarted = SessionStore(tmp_path)
+    got = restarted.get(session.id, token).edit
+    assert got.sliders == {"age": 2.5, "smile": 0.5}
+    assert got.history.undo_stack == session.edit.history.undo_stack
+    assert got.history.redo_stack == [{"age": -1.0}]
+    assert list(got.directions) == list(session.edit.directions)
+    for name, direction in session.edit.directions.items():
+        assert torch.equal(got.directions[name].vector, direction.vector)
+    assert got.revision == session.edit.revision
+    store.close()
+
+
+def test_an_older_edit_record_never_overwrites_a_newer_one(tmp_path: Path) -> None:
+    store = SessionStore(tmp_path)
+    session, token = filled_session(store, 4)
+    store.persist(session)
+    session.edit.set_sliders({"age": 1.0})
+    stale = dataclasses.replace(session.edit, sliders={"age": -9.0}, revision=session.edit.revision - 1)
+    store.record_edit(session)
+    store.record_edit(dataclasses.replace(session, edit=stale))
+    assert SessionStore(tmp_path).get(session.id, token).edit.sliders == {"age": 1.0}
+    store.close()
+
+
+def test_a_deleted_sessions_edit_record_is_gone_with_it(tmp_path: Path) -> None:
+    store = SessionStore(tmp_path)
+    session, token = filled_session(store, 5)
+    store.persist(session)
+    store.record_edit(session)
+    store.delete(session.id, token)
+    with pytest.raises(UnknownSessionError):
+        store.record_edit(session)
+    restarted = SessionStore(tmp_path)
+    assert len(restarted) == 0
+    assert not [key for key in diskcache.Cache(str(tmp_path / "sessions")).iterkeys() if session.id in str(key)]
+
+
+def test_a_wrong_token_is_answered_exactly_like_an_unknown_session(tmp_path: Path) -> None:
+    store = SessionStore(tmp_path)
+    session, _ = filled_session(store, 6)
+    with pytest.raises(UnknownSessionError) as wrong:
+        store.check(session.id, "not-the-token")
+    with pytest.raises(UnknownSessionError) as unknown:
+        store.check("0" * 32, "not-the-token")
+    assert (wrong.value.status, wrong.value.code, wrong.value.message) == (
+        unknown.value.status, unknown.value.code, unknown.value.message) == (404, "unknown_session", "no such session")

@@ -62,6 +62,7 @@ class JobProgress:
     step: int
     total: int
     message: str = ""
+    queued: int = 0  # > 0 while the job waits in line: how many jobs are ahead of it
 
 
 @dataclass(frozen=True, eq=False)
@@ -159,6 +160,7 @@ class EditState:
     history: SliderHistory = field(default_factory=SliderHistory)
     directions: dict[str, Direction] = field(default_factory=dict)  # added by this session, oldest first
     version: int = 0  # bumped whenever ``directions`` changes
+    revision: int = 0  # bumped by every change: the newest write of the edit record wins
 
     def set_sliders(self, values: Mapping[str, float], *, record: bool = True) -> None:
         """Make ``values`` the slider state; with ``record`` it is committed (the previous commit is undoable)."""
@@ -168,16 +170,19 @@ class EditState:
         if record:
             self.history.commit(new)
         self.sliders = new
+        self.revision += 1
 
     def undo(self) -> bool:
         """Go back one step: first to the last commit if uncommitted changes are shown; return whether it moved."""
         if self.sliders != self.history.committed:
             self.sliders = dict(self.history.committed)
+            self.revision += 1
             return True
         previous = self.history.undo()
         if previous is None:
             return False
         self.sliders = previous
+        self.revision += 1
         return True
 
     def redo(self) -> bool:
@@ -186,6 +191,7 @@ class EditState:
         if following is None:
             return False
         self.sliders = following
+        self.revision += 1
         return True
 
     def add_directions(self, added: list[Direction]) -> None:
@@ -199,11 +205,13 @@ class EditState:
             del directions[name]
         self.directions = directions
         self.version += 1
+        self.revision += 1
 
     def reset(self) -> None:
         """Forget the slider values and history (a new face was prepared); added directions stay."""
         self.sliders = {}
         self.history = SliderHistory(limit=self.history.limit)
+        self.revision += 1
 
 
 @dataclass(eq=False)

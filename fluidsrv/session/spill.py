@@ -1,9 +1,11 @@
-"""The versioned on-disk codec of a session: three byte strings, no pickle anywhere.
+"""The versioned on-disk codec of a session: byte strings, no pickle anywhere.
 
 A spilled session is ``(meta, arrays, tensors)``: JSON facts, a safetensors file of numpy arrays and a
-safetensors file of torch tensors. Restoring runs no code. :data:`SPILL_FORMAT` is written; every format in
-:data:`READABLE_FORMATS` is read, so sessions spilled by the previous release (format 1, whose facts lived
-in free-form ``meta`` / ``extra_*`` bags) still restore after an upgrade.
+safetensors file of torch tensors; its edit state (sliders, undo history, added directions) is also written
+alone as a small *edit record* (:func:`encode_edit`) on every committed change. Restoring runs no code.
+:data:`SPILL_FORMAT` is written; every format in :data:`READABLE_FORMATS` is read, so sessions spilled by the
+previous release (format 1, whose facts lived in free-form ``meta`` / ``extra_*`` bags) still restore after an
+upgrade.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ SPILL_FORMAT = 2
 """The format this release writes."""
 READABLE_FORMATS = (1, 2)
 """The formats this release reads."""
+EDIT_FORMAT = 1
+"""The format of the small edit record written through on every committed edit."""
 
 _METADATA_BYTES = ("icc_profile", "exif", "xmp", "comment")
 
@@ -86,14 +90,7 @@ def encode(session: Session) -> tuple[bytes, bytes, bytes]:
             "faces": [{"box": list(face.box), "score": face.score} for face in upload.faces],
         },
         "prepared": prepared_json,
-        "edit": {
-            "sliders": edit.sliders,
-            "undo": edit.history.undo_stack,
-            "redo": edit.history.redo_stack,
-            "committed": edit.history.committed,
-            "directions": [direction.describe() for direction in edit.directions.values()],
-            "version": edit.version,
-        },
+        "edit": _edit_facts(edit),
     }
     tensors = {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in session.tensors().items()}
     meta_bytes = json.dumps(meta, allow_nan=False).encode("utf-8")
@@ -130,21 +127,68 @@ def decode(meta_bytes: bytes, array_bytes: bytes, tensor_bytes: bytes, *, device
             generator_delta=_group(tensors, "generator_delta/"), student_state=_group(tensors, "student_state/"),
             reconstruction=arrays["reconstruction"], head_mask=arrays["head_mask"],
             preview_crop=arrays["preview_crop"], version=int(meta["prepared"]["version"]))
-    edit_facts = meta["edit"]
-    directions = {
-        str(facts["name"]): Direction.from_description(facts, tensors[f"direction/{index}"])
-        for index, facts in enumerate(edit_facts["directions"])
-    }
-    edit = EditState(
-        sliders={str(name): float(value) for name, value in edit_facts["sliders"].items()},
-        history=SliderHistory(limit=history_limit, undo_stack=edit_facts["undo"], redo_stack=edit_facts["redo"],
-                              committed=edit_facts["committed"]),
-        directions=directions, version=int(edit_facts["version"]))
+    edit = _edit_from(meta["edit"], tensors, history_limit)
     progress = JobProgress(**meta["progress"]) if meta["progress"] else None
     result = arrays["result"].tobytes() if "result" in arrays else None
     return Session(id=meta["id"], token_digest=meta["token_digest"], created_at=meta["created_at"],
                    last_used=meta["last_used"], upload=upload, status=Status(meta["status"]), error=meta["error"],
                    progress=progress, prepared=prepared, edit=edit, result=result)
+
+
+def encode_edit(edit: EditState) -> bytes:
+    """Serialize the edit state alone (sliders, undo history, added directions): the small write-through record."""
+    tensors = {f"direction/{index}": direction.vector.detach().to("cpu", copy=True).contiguous()
+               for index, direction in enumerate(edit.directions.values())}
+    facts = json.dumps(_edit_facts(edit), allow_nan=False)
+    return safetensors.torch.save(tensors, metadata={"format": str(EDIT_FORMAT), "edit": facts})
+
+
+def decode_edit(record: bytes, *, device: torch.device, history_limit: int) -> EditState:
+    """Rebuild the edit state from a record written by :func:`encode_edit`."""
+    metadata = _record_metadata(record)
+    tensors = {name: tensor.to(device) for name, tensor in safetensors.torch.load(record).items()}
+    return _edit_from(json.loads(metadata["edit"]), tensors, history_limit)
+
+
+def edit_revision(record: bytes) -> int:
+    """The revision an edit record was written at (cheap: reads only its header)."""
+    return int(json.loads(_record_metadata(record)["edit"]).get("revision", 0))
+
+
+def _record_metadata(record: bytes) -> dict[str, str]:
+    """The string metadata of an edit record's safetensors header, checked to be an edit record."""
+    try:
+        length = int.from_bytes(record[:8], "little")
+        metadata = json.loads(record[8:8 + length]).get("__metadata__") or {}
+    except (ValueError, AttributeError) as error:
+        raise SpillError("not an edit record") from error
+    if metadata.get("format") != str(EDIT_FORMAT) or "edit" not in metadata:
+        raise SpillError("not an edit record")
+    return dict(metadata)
+
+
+def _edit_facts(edit: EditState) -> dict[str, Any]:
+    return {
+        "sliders": edit.sliders,
+        "undo": edit.history.undo_stack,
+        "redo": edit.history.redo_stack,
+        "committed": edit.history.committed,
+        "directions": [direction.describe() for direction in edit.directions.values()],
+        "version": edit.version,
+        "revision": edit.revision,
+    }
+
+
+def _edit_from(facts: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], history_limit: int) -> EditState:
+    directions = {
+        str(described["name"]): Direction.from_description(described, tensors[f"direction/{index}"])
+        for index, described in enumerate(facts["directions"])
+    }
+    return EditState(
+        sliders={str(name): float(value) for name, value in facts["sliders"].items()},
+        history=SliderHistory(limit=history_limit, undo_stack=facts["undo"], redo_stack=facts["redo"],
+                              committed=facts["committed"]),
+        directions=directions, version=int(facts["version"]), revision=int(facts.get("revision", 0)))
 
 
 def _decode_v1(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray], tensors: Mapping[str, torch.Tensor],

@@ -2,13 +2,17 @@
 
 - every access needs the session's token (``get(session_id, token)``), compared in constant time
   against its SHA-256 digest (only the digest is kept and written to disk); an unknown id raises
-  :class:`UnknownSessionError` (404), a wrong token :class:`BadTokenError` (401), too many sessions
-  :class:`TooManySessionsError` (429);
+  :class:`UnknownSessionError` (404), a wrong token :class:`BadTokenError` (also 404, with the same code
+  and message, so that nobody learns which session ids exist), too many sessions :class:`TooManySessionsError`
+  (429);
 - the tensors held by in-memory sessions are kept under a byte budget (and their host arrays under another):
   least-recently-used sessions spill to a ``diskcache.Cache`` under ``data_dir`` (in the codec of
   :mod:`fluidsrv.session.spill`) and come back transparently on the next ``get``; a new store on the same
   directory finds every session written there (``close()`` writes all in-memory sessions, so a restarted
   server restores them);
+- edits are durable: :meth:`SessionStore.record_edit` writes a session's edit state (sliders, undo history,
+  added directions) through to disk as a small record, in its own SQLite transaction (WAL, synchronous=FULL),
+  before the caller acknowledges the edit; a server killed at any moment restores the last recorded edit;
 - sessions idle longer than the TTL are deleted with everything they wrote (``expire()``);
 - pinned sessions (``with store.pinned(session):`` while a job or a websocket uses one) are never
   evicted or expired, so the object a job mutates is never dropped underneath it.
@@ -60,11 +64,8 @@ class UnknownSessionError(SessionError):
     code = "unknown_session"
 
 
-class BadTokenError(SessionError):
-    """The token does not match the session."""
-
-    status = 401
-    code = "bad_token"
+class BadTokenError(UnknownSessionError):
+    """The token does not match the session (answered exactly like an unknown session)."""
 
 
 class TooManySessionsError(SessionError):
@@ -174,8 +175,11 @@ class SessionStore:
         self._digests: dict[str, str] = {}
         self._counters = Counter[str]()
         self._closed = False
+        self._edit_lock = threading.Lock()  # edit records are written without the store lock, never behind a spill
+        self._edit_revisions: dict[str, int] = {}  # newest edit revision on disk, per session
         self._cache = diskcache.Cache(
-            str(self.data_dir / "sessions"), disk=_BytesOnlyDisk, eviction_policy="none", size_limit=2**62)
+            str(self.data_dir / "sessions"), disk=_BytesOnlyDisk, eviction_policy="none", size_limit=2**62,
+            sqlite_synchronous=2)  # FULL: a committed edit survives a power cut, not only a killed process
         self._load_index()
         self.expire()
 
@@ -212,7 +216,7 @@ class SessionStore:
             raise UnknownSessionError("no such session")
         given = token_digest(token) if isinstance(token, str) else ""
         if not hmac.compare_digest(given, digest):
-            raise BadTokenError("the token does not open this session")
+            raise BadTokenError("no such session")
         live, entry = self._live.get(session_id), self._on_disk.get(session_id)
         last_used = live.last_used if live is not None else entry.last_used if entry is not None else None
         if last_used is not None and last_used <= self._clock() - self.ttl_seconds and not self._pins[session_id]:
@@ -257,6 +261,27 @@ class SessionStore:
             if self._live.get(session.id) is not session:
                 self.update(session)
             self._write(session)
+
+    def record_edit(self, session: Session) -> None:
+        """Write the session's edit state through to disk now (a small record); the newest revision wins.
+
+        Takes no store lock, so it never waits behind another session's spill; raises UnknownSessionError when
+        the session no longer exists.
+        """
+        if self._closed:
+            raise RuntimeError("the session store is closed")
+        record = spill.encode_edit(session.edit)
+        with self._edit_lock:
+            if session.id not in self._digests:
+                raise UnknownSessionError("this session no longer exists")
+            self._put_edit_locked(session.id, session.edit.revision, record)
+
+    def _put_edit_locked(self, session_id: str, revision: int, record: bytes) -> None:
+        """Store an edit record unless a newer revision is already on disk (caller holds _edit_lock)."""
+        if revision < self._edit_revisions.get(session_id, -1):
+            return
+        self._cache.set(_key(session_id, "edit"), record, retry=True)
+        self._edit_revisions[session_id] = revision
 
     def delete(self, session_id: str, token: str) -> None:
         """Delete a session and everything it wrote, memory and disk."""
@@ -389,7 +414,7 @@ class SessionStore:
             raise UnknownSessionError("this session has expired")
         given = token_digest(token) if isinstance(token, str) else ""
         if not hmac.compare_digest(given, digest):
-            raise BadTokenError("the token does not open this session")
+            raise BadTokenError("no such session")
 
     def _touch(self, session: Session) -> None:
         session.last_used = max(session.last_used, self._clock())
@@ -435,6 +460,9 @@ class SessionStore:
             if any(blob is None for blob in blobs):
                 raise ValueError("incomplete entry")
             session = spill.decode(*blobs, device=self.device, history_limit=self.history_limit)
+            record = self._cache.get(_key(session_id, "edit"))
+            if record is not None and spill.edit_revision(record) >= session.edit.revision:
+                session.edit = spill.decode_edit(record, device=self.device, history_limit=self.history_limit)
         except Exception as error:
             logger.exception("session %s on disk is unreadable; deleting it", session_id)
             self._remove(session_id)
@@ -450,10 +478,13 @@ class SessionStore:
             meta, arrays, tensors = spill.encode(session)
         except Exception as error:
             raise SessionStateError(f"session {session.id} holds state that cannot be written: {error}") from error
+        edit = spill.encode_edit(session.edit)
         with self._cache.transact(retry=True):
             self._cache.set(_key(session.id, "arrays"), arrays, retry=True)
             self._cache.set(_key(session.id, "tensors"), tensors, retry=True)
             self._cache.set(_key(session.id, "meta"), meta, retry=True)
+        with self._edit_lock:
+            self._put_edit_locked(session.id, session.edit.revision, edit)
 
     def _remove(self, session_id: str) -> None:
         """Forget a session everywhere: memory, index, pins and every disk entry."""
@@ -462,9 +493,11 @@ class SessionStore:
         self._digests.pop(session_id, None)
         with self._pin_lock:
             self._pins.pop(session_id, None)
-        with self._cache.transact(retry=True):
-            for part in _PARTS:
-                self._cache.delete(_key(session_id, part), retry=True)
+        with self._edit_lock:
+            self._edit_revisions.pop(session_id, None)
+            with self._cache.transact(retry=True):
+                for part in (*_PARTS, "edit"):
+                    self._cache.delete(_key(session_id, part), retry=True)
 
     def _load_index(self) -> None:
         """Find the sessions a previous store wrote; drop unreadable or partial entries."""
