@@ -48,6 +48,7 @@ from benchmarks import live_server  # noqa: E402
 
 DEFAULT_PHOTO = REPO.parent / "shared" / "photos" / "deepface_img12.jpg"
 SCENARIOS = ("finalize", "clients")
+BENCH_ADMIN_TOKEN = "bench-admin"  # the benchmark servers' admin token (for /api/stats)
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -62,6 +63,7 @@ def server_env(args: argparse.Namespace, data_dir: Path) -> dict[str, str]:
         "FLUIDSRV_DEVICE": args.device,
         "FLUIDSRV_DATA_DIR": str(data_dir),
         "FLUIDSRV_MAX_SESSIONS": "256",
+        "FLUIDSRV_ADMIN_TOKEN": BENCH_ADMIN_TOKEN,  # /api/stats needs it
         "FLUIDSRV_FINETUNE": args.finetune,
         "FLUIDSRV_FINETUNE_STEPS": str(args.finetune_steps),
         "FLUIDSRV_PLUGIN_OPTIONS": json.dumps({"encoder.project": {"steps": args.project_steps}}),
@@ -229,7 +231,7 @@ class Tree:
 
     async def executor_stats(self) -> dict[str, Any]:
         async with httpx.AsyncClient(base_url=self.url, timeout=60) as http:
-            response = await http.get("/api/stats")
+            response = await http.get("/api/stats", headers={"Authorization": f"Bearer {BENCH_ADMIN_TOKEN}"})
             return dict(response.json().get("executor", {})) if response.status_code == 200 else {}
 
     def report(self) -> dict[str, Any]:

@@ -19,13 +19,24 @@ import contextlib
 import functools
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from fluidsrv import latents, pipeline
+from fluidsrv.admission import AdmissionQueue
 from fluidsrv.convert import encode_preview
 from fluidsrv.errors import UserError
+from fluidsrv.events import (
+    DeletedEvent,
+    Event,
+    FailedEvent,
+    FinalizedEvent,
+    ProgressEvent,
+    ReadyEvent,
+    Subscriber,
+    Subscriptions,
+)
 from fluidsrv.executor import SUPERSEDED, ExecutorError, GpuExecutor, Priority
 from fluidsrv.image_io import decode_image, encode_image, face_thumbnail
 from fluidsrv.latent_tools import LatentTools
@@ -67,53 +78,6 @@ ABANDONED_UPLOAD_SECONDS = 120.0  # a full server may delete uploads idle this l
 THUMBNAIL_SIDE = 96
 
 
-# ---- events ------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ProgressEvent:
-    """A running job's step, with an intermediate image (encoded as PREVIEW_FORMAT) and the step it was made at."""
-
-    session_id: str
-    progress: JobProgress
-    frame: bytes | None = None
-    frame_step: int = 0
-
-
-@dataclass(frozen=True)
-class ReadyEvent:
-    """A face was prepared: the session is ready for sliders."""
-
-    session: Session
-
-
-@dataclass(frozen=True)
-class FailedEvent:
-    """Preparing failed; ``message`` says why."""
-
-    session_id: str
-    code: str
-    message: str
-
-
-@dataclass(frozen=True)
-class FinalizedEvent:
-    """The finalized photo can be downloaded."""
-
-    session_id: str
-
-
-@dataclass(frozen=True)
-class DeletedEvent:
-    """The session was deleted."""
-
-    session_id: str
-
-
-Event = ProgressEvent | ReadyEvent | FailedEvent | FinalizedEvent | DeletedEvent
-Subscriber = Callable[[Event], None]
-
-
 def _user_message(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
@@ -129,8 +93,10 @@ class EditService(LatentTools):
         self.executor = executor
         self._jobs: dict[str, asyncio.Task[Any]] = {}
         self._latest_progress: dict[str, ProgressEvent] = {}
-        self._subscribers: dict[str, dict[int, Subscriber]] = {}
-        self._next_subscription = 0
+        self._subscriptions = Subscriptions(self._on_last_subscriber_left)
+        self._abandon_timers: dict[str, asyncio.TimerHandle] = {}  # jobs whose last client left, by session
+        self._admission = AdmissionQueue(self.settings.max_concurrent_prepares)
+        self._sockets: Counter[str] = Counter()  # open websockets per session
         self._background: set[asyncio.Task[Any]] = set()
         self._expiry: asyncio.Task[None] | None = None
         self._closing = False
@@ -145,7 +111,8 @@ class EditService(LatentTools):
             settings.data_dir, device=loaded.device, memory_budget_bytes=settings.session_memory_budget_bytes,
             host_budget_bytes=settings.session_host_budget_bytes, ttl_seconds=settings.session_ttl_seconds,
             max_sessions=settings.max_sessions)
-        executor = GpuExecutor(loaded.device, on_out_of_memory=functools.partial(_free_memory, loaded, store))
+        executor = GpuExecutor(loaded.device, on_out_of_memory=functools.partial(_free_memory, loaded, store),
+                               long_job_share=settings.long_job_share)
         executor.start()
         service = cls(loaded, store, executor, settings)
         service._expiry = asyncio.create_task(service._expire_periodically())
@@ -156,6 +123,8 @@ class EditService(LatentTools):
         self._closing = True  # a prepare cancelled now was interrupted, not abandoned
         if self._expiry is not None:
             self._expiry.cancel()
+        for timer in self._abandon_timers.values():
+            timer.cancel()
         for job in list(self._jobs.values()):
             job.cancel()
         await self.executor.shutdown()
@@ -172,33 +141,41 @@ class EditService(LatentTools):
     def subscribe(self, session_id: str, subscriber: Subscriber) -> Callable[[], None]:
         """Call ``subscriber`` with every event of the session; returns the unsubscribe function.
 
-        When the last subscriber of a session leaves while a job of it runs (prepare, finalize), that job is
-        cancelled: nobody waits for it any more.
+        When the last subscriber of a session leaves while a job of it runs (prepare, finalize), the job keeps
+        running for ``prepare_grace_seconds`` (a reloaded tab joins it again); then it is cancelled.
         """
-        self._next_subscription += 1
-        key = self._next_subscription
-        self._subscribers.setdefault(session_id, {})[key] = subscriber
+        timer = self._abandon_timers.pop(session_id, None)
+        if timer is not None:
+            timer.cancel()
+        return self._subscriptions.subscribe(session_id, subscriber)
 
-        def unsubscribe() -> None:
-            remaining = self._subscribers.get(session_id, {})
-            remaining.pop(key, None)
-            if not remaining:
-                self._subscribers.pop(session_id, None)
-                if session_id in self._jobs:
-                    self.executor.cancel_owner(session_id)
+    def _on_last_subscriber_left(self, session_id: str) -> None:
+        if session_id not in self._jobs:
+            return
+        grace = self.settings.prepare_grace_seconds
+        if grace <= 0:
+            self._cancel_if_abandoned(session_id)
+            return
+        previous = self._abandon_timers.pop(session_id, None)
+        if previous is not None:
+            previous.cancel()
+        self._abandon_timers[session_id] = asyncio.get_running_loop().call_later(
+            grace, self._cancel_if_abandoned, session_id)
 
-        return unsubscribe
+    def _cancel_if_abandoned(self, session_id: str) -> None:
+        """Cancel the session's job if nobody has subscribed again since its last client left."""
+        self._abandon_timers.pop(session_id, None)
+        job = self._jobs.get(session_id)
+        if job is not None and not job.done() and self._subscriptions.count(session_id) == 0:
+            log.info("cancelling the job of session %s: no client came back", session_id[:8])
+            job.cancel()
 
     def latest_progress(self, session_id: str) -> ProgressEvent | None:
         """The last progress event of the session's running job (for a client that joins it), or None."""
         return self._latest_progress.get(session_id)
 
     def _publish(self, session_id: str, event: Event) -> None:
-        for subscriber in list(self._subscribers.get(session_id, {}).values()):
-            try:
-                subscriber(event)
-            except Exception:
-                log.exception("an event subscriber of session %s failed", session_id[:8])
+        self._subscriptions.publish(session_id, event)
 
     def _progress_handler(self, session: Session) -> Callable[[Progress], None]:
         def forward(progress: Progress) -> None:
@@ -261,6 +238,32 @@ class EditService(LatentTools):
         self.store.pin(session)
         return functools.partial(self.store.unpin, session)
 
+    def attach_socket(self, session: Session) -> Callable[[], None]:
+        """Count a websocket of the session (at most ``max_sockets_per_session``) and pin the session.
+
+        Returns the release function; when the session's last socket goes, its queued preview is dropped.
+        """
+        limit = self.settings.max_sockets_per_session
+        if self._sockets[session.id] >= limit:
+            raise UserError(f"at most {limit} connections to one session at once; close another tab first",
+                            status=429, code="too_many_sockets")
+        self._sockets[session.id] += 1
+        self.store.pin(session)
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            self.store.unpin(session)
+            self._sockets[session.id] -= 1
+            if self._sockets[session.id] <= 0:
+                del self._sockets[session.id]
+                self.executor.cancel_previews(session.id)
+
+        return release
+
     async def delete(self, session: Session, token: str) -> None:
         """Delete a session, its jobs and everything it stored; subscribers get a DeletedEvent."""
         self.executor.cancel_owner(session.id)
@@ -310,12 +313,14 @@ class EditService(LatentTools):
     async def _prepare(self, session: Session, face_index: int) -> None:
         version = (session.prepared.version if session.prepared is not None else 0) + 1
         upload = session.upload
+        forward = self._progress_handler(session)
         with self.store.pinned(session):
             try:
-                stages = self.runtime.stages()
-                made = await self.executor.run_job(
-                    lambda: pipeline.prepare(stages, upload.pixels, upload.faces, face_index, version=version),
-                    priority=Priority.ENCODE, owner=session.id, on_progress=self._progress_handler(session))
+                async with self._admission.admit(functools.partial(self._report_place, session)):
+                    stages = self.runtime.stages()
+                    made = await self.executor.run_job(
+                        lambda: pipeline.prepare(stages, upload.pixels, upload.faces, face_index, version=version),
+                        priority=Priority.ENCODE, owner=session.id, on_progress=forward)
             except asyncio.CancelledError:
                 session.move_to(Status.INTERRUPTED if self._closing else Status.CANCELLED)
                 return
@@ -340,6 +345,14 @@ class EditService(LatentTools):
                 log.exception("session %s is ready but could not be written to disk", session.id)
             self._publish(session.id, ReadyEvent(session))
 
+    def _report_place(self, session: Session, place: int) -> None:
+        """Tell the clients of a waiting prepare how many faces are prepared before theirs."""
+        ahead = "1 face is" if place == 1 else f"{place} faces are"
+        facts = JobProgress("queued", 0, 0, f"waiting in line: {ahead} being prepared first", queued=place)
+        session.progress = facts
+        self._latest_progress[session.id] = ProgressEvent(session.id, facts)
+        self._publish(session.id, ProgressEvent(session.id, facts))
+
     # ---- sliders and previews ------------------------------------------------------------------------------
 
     def directions(self) -> dict[str, Direction]:
@@ -358,27 +371,31 @@ class EditService(LatentTools):
             raise UserError(f"unknown sliders: {', '.join(unknown[:5])}", status=422, code="unknown_slider")
         session.edit.set_sliders(values, record=commit)
 
-    async def step_history(self, session: Session, action: Literal["undo", "redo"], *, wait: bool = True) -> bool:
-        """Undo or redo the slider history; return whether the state changed.
-
-        The store is told of the change; with ``wait=False`` (the websocket) that happens in the background, so the
-        answer never waits behind another session's disk write.
-        """
+    async def step_history(self, session: Session, action: Literal["undo", "redo"]) -> bool:
+        """Undo or redo the slider history; return whether the state changed (written to disk before returning)."""
         changed = session.edit.undo() if action == "undo" else session.edit.redo()
-        if changed and wait:
-            await asyncio.to_thread(self.store.update, session)
-        elif changed:
-            self.spawn(asyncio.to_thread(self._update_quietly, session))
+        if changed:
+            await self.save_edit(session)
         return changed
+
+    async def save_edit(self, session: Session) -> None:
+        """Write the session's edit state (sliders, history, added directions) through to disk now.
+
+        Only the small edit record is written, without the store's lock, so this never waits behind another
+        session's spill; the store's bookkeeping (last use, budgets) follows in the background.
+        """
+        await asyncio.to_thread(self.store.record_edit, session)
+        self.spawn(asyncio.to_thread(self._update_quietly, session))
 
     def _update_quietly(self, session: Session) -> None:
         with contextlib.suppress(SessionError, RuntimeError):  # deleted meanwhile, or the server is shutting down
             self.store.update(session)
 
-    async def preview(self, session: Session, owner: str, values: dict[str, float]) -> bytes | None:
-        """Render the preview of ``values`` as PREVIEW_FORMAT bytes; None when a newer one of ``owner`` replaced it.
+    async def preview(self, session: Session, values: dict[str, float]) -> bytes | None:
+        """Render the preview of ``values`` as PREVIEW_FORMAT bytes; None when a newer one replaced it.
 
-        Only the render runs on the device worker; laying it over the photo's crop and encoding run on a thread.
+        A session has one preview slot: a newer state (from any of its sockets) replaces a queued one. Only the
+        render runs on the device worker; laying it over the photo's crop and encoding run on a thread.
         """
         prepared = session.require_ready()
         runtime, session_id = self.runtime, session.id
@@ -389,7 +406,7 @@ class EditService(LatentTools):
             ws = pipeline.edited_ws(prepared.ws, directions, state, runtime.spread)
             return pipeline.render_preview(renderer, ws)
 
-        frame = await self.executor.submit_preview(owner, values, render)
+        frame = await self.executor.submit_preview(session_id, values, render)
         if frame is SUPERSEDED:
             return None
         photo_detail = runtime.settings.photo_detail
@@ -398,10 +415,6 @@ class EditService(LatentTools):
             return encode_preview(pipeline.compose_preview(prepared, frame, photo_detail), PREVIEW_FORMAT)
 
         return await asyncio.to_thread(compose_and_encode)
-
-    def cancel_previews(self, owner: str) -> None:
-        """Drop the queued previews of ``owner`` (a connection that closed)."""
-        self.executor.cancel_owner(owner)
 
     # ---- finalize ------------------------------------------------------------------------------------------
 
@@ -492,7 +505,7 @@ class EditService(LatentTools):
 
     async def _add_directions(self, session: Session, found: list[Direction]) -> list[Direction]:
         session.edit.add_directions(found)
-        await asyncio.to_thread(self.store.update, session)
+        await self.save_edit(session)
         return found
 
     # ---- server facts and administration -------------------------------------------------------------------

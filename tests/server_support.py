@@ -16,6 +16,11 @@ from fluidsrv.settings import Settings
 SMALL_PHOTO = "deepface_img12.jpg"
 
 
+ADMIN_TOKEN = "test-admin-token"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+"""The admin token of :func:`small_settings` servers, and the header that sends it (``/api/stats`` needs it)."""
+
+
 def small_settings(data_dir: Path, **overrides: Any) -> Settings:
     """Settings for tests: a tiny random generator of the real architecture and fast stage options."""
     values: dict[str, Any] = {
@@ -34,6 +39,7 @@ def small_settings(data_dir: Path, **overrides: Any) -> Settings:
         "plugin_options": {"encoder.project": {"steps": 6, "frame_every": 3}, "directions.sefa": {"k": 4}},
         "max_sessions": 8,
         "max_uploads_per_minute": 100_000,
+        "admin_token": ADMIN_TOKEN,
     }
     values.update(overrides)
     return Settings(**values)

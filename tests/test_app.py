@@ -16,7 +16,7 @@ from fluidsrv.protocol import Frame
 from fluidsrv.runtime import Runtime
 from fluidsrv.settings import Settings
 from fluidsrv.web import create_app
-from tests.server_support import SMALL_PHOTO, gradient_image, png_bytes, receive_until, small_settings
+from tests.server_support import ADMIN, SMALL_PHOTO, gradient_image, png_bytes, receive_until, small_settings
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_bad_uploads_get_clear_errors_and_create_nothing(
     assert response.status_code == status
     error = response.json()["error"]
     assert error["code"] == code and error["message"]
-    assert client.get("/api/stats").json()["sessions"]["in_memory"] == 0
+    assert client.get("/api/stats", headers=ADMIN).json()["sessions"]["in_memory"] == 0
 
 
 def test_too_large_uploads_are_refused(settings: Settings, runtime: Runtime, photo: bytes) -> None:
@@ -123,13 +123,16 @@ def test_too_large_uploads_are_refused(settings: Settings, runtime: Runtime, pho
 def test_unknown_session_and_bad_token(client: TestClient, photo: bytes) -> None:
     created = upload(client, photo)
     missing = client.get("/api/sessions/" + "0" * 32, headers=auth(created))
-    assert missing.status_code == 404 and missing.json()["error"]["code"]
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "unknown_session"
+    # a wrong or missing token is answered exactly like an unknown id: nobody learns which ids exist
     wrong = client.get(f"/api/sessions/{created['session_id']}", headers={"Authorization": "Bearer nope"})
-    assert wrong.status_code == 401
     no_token = client.get(f"/api/sessions/{created['session_id']}")
-    assert no_token.status_code == 401
-    with client.websocket_connect(f"/api/sessions/{created['session_id']}/ws?token=wrong") as socket:
-        assert json.loads(socket.receive_text())["type"] == "error"
+    assert wrong.status_code == no_token.status_code == 404
+    assert wrong.json() == no_token.json() == missing.json()
+    for session_id in (created["session_id"], "0" * 32):
+        with client.websocket_connect(f"/api/sessions/{session_id}/ws?token=wrong") as socket:
+            assert json.loads(socket.receive_text()) == {"type": "error", "code": "unknown_session",
+                                                         "message": "no such session"}
 
 
 def test_too_many_sessions(settings: Settings, runtime: Runtime, photo: bytes) -> None:
@@ -211,14 +214,18 @@ def test_delete_removes_the_session(client: TestClient, photo: bytes) -> None:
     base = f"/api/sessions/{created['session_id']}"
     assert client.delete(base, headers=auth(created)).status_code == 204
     assert client.get(base, headers=auth(created)).status_code == 404
-    assert client.get("/api/stats").json()["sessions"]["in_memory"] == 0
+    assert client.get("/api/stats", headers=ADMIN).json()["sessions"]["in_memory"] == 0
 
 
-def test_switching_a_stage_needs_the_admin_token(client: TestClient) -> None:
+def test_switching_a_stage_needs_the_admin_token(settings: Settings, runtime: Runtime, client: TestClient) -> None:
     body = {"stage": "inpainter", "name": "navier-stokes"}
     refused = client.post("/api/config/stages", json=body)
-    assert refused.status_code == 403 and refused.json()["error"]["code"] == "admin_disabled"
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "bad_admin_token"
     assert client.get("/api/config").json()["active"]["inpainter"] == "telea"
+    without_admin = Settings(**{**vars(settings), "admin_token": ""})
+    with TestClient(create_app(without_admin, runtime=runtime)) as disabled:
+        refused = disabled.post("/api/config/stages", json=body, headers=ADMIN)
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "admin_disabled"
 
 
 def test_switching_a_stage_rolls_back_on_failure(settings: Settings, runtime: Runtime, photo: bytes) -> None:

@@ -56,7 +56,7 @@ def test_sefa_by_layer_range_adds_sliders_to_that_session_only(
 ) -> None:
     base = f"/api/sessions/{faces[0]['session_id']}"
     headers = {"Authorization": f"Bearer {faces[0]['token']}"}
-    assert client.post(f"{base}/directions/sefa", json={"layers": [1, 6], "k": 3}).status_code == 401
+    assert client.post(f"{base}/directions/sefa", json={"layers": [1, 6], "k": 3}).status_code == 404
     response = client.post(f"{base}/directions/sefa", json={"layers": [1, 6], "k": 3}, headers=headers)
     assert response.status_code == 200, response.text
     found = response.json()["directions"]
@@ -116,7 +116,7 @@ def test_morph_and_loop_videos_have_the_right_frame_counts(client: TestClient, f
 
 def test_tools_refuse_bad_faces(client: TestClient, faces: list[dict[str, str]], shared_dir: Path) -> None:
     bad_token = {"session_id": faces[0]["session_id"], "token": "wrong"}
-    assert client.post("/api/tools/mix", json={"faces": [faces[0], bad_token]}).status_code == 401
+    assert client.post("/api/tools/mix", json={"faces": [faces[0], bad_token]}).status_code == 404
     assert client.post("/api/tools/mix", json={"faces": [faces[0]]}).status_code == 422
     unprepared = make_face(client, (shared_dir / "photos" / SMALL_PHOTO).read_bytes(), prepare=False)
     assert client.post("/api/tools/loop", json={"face": unprepared}).status_code == 409

@@ -12,7 +12,7 @@ import websockets
 from fluidsrv.protocol import decode_frame
 from fluidsrv.runtime import Runtime
 from fluidsrv.web import create_app
-from tests.server_support import SMALL_PHOTO, LiveServer, small_settings
+from tests.server_support import ADMIN, SMALL_PHOTO, LiveServer, small_settings
 
 CLIENTS = 20
 MESSAGES = 50
@@ -72,7 +72,7 @@ def test_twenty_clients_fifty_rapid_messages_each(tmp_path: Path, shared_dir: Pa
                 *(slider_client(host, sessions[index % SESSIONS], names, index) for index in range(CLIENTS))
             )
             assert (await http.get("/api/health")).status_code == 200  # the server stayed up
-            stats = (await http.get("/api/stats")).json()["executor"]
+            stats = (await http.get("/api/stats", headers=ADMIN)).json()["executor"]
             assert stats["previews_coalesced"] > 0  # rapid messages were coalesced, not all rendered
             return results
 

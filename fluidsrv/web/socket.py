@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from dataclasses import dataclass, field
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -45,7 +44,6 @@ class Connection:
     socket: WebSocket
     service: EditService
     session: Session
-    owner: str  # the executor owner of this connection's previews
     messages: TokenBucket  # the message rate limit
     last_sent: int = -1  # arrival number of the newest preview sent (older ones are dropped)
     arrivals: int = 0
@@ -101,7 +99,8 @@ class Connection:
     async def _forward(self, happened: Event) -> None:
         if isinstance(happened, ProgressEvent):
             progress = happened.progress
-            text = event("progress", **progress_view(progress.stage, progress.step, progress.total, progress.message))
+            text = event("progress", **progress_view(progress.stage, progress.step, progress.total, progress.message,
+                                                     progress.queued))
             frame = None
             if happened.frame is not None:
                 frame = encode_frame(happened.frame_step, happened.frame, PREVIEW_FORMAT, kind="progress")
@@ -128,10 +127,14 @@ async def session_socket(socket: WebSocket) -> None:
         await socket.send_text(event("error", code=error.code, message=error.message))
         await socket.close(code=4000 + error.status)
         return
+    try:
+        release = service.attach_socket(session)
+    except UserError as error:
+        await socket.send_text(event("error", code=error.code, message=error.message))
+        await socket.close(code=4000 + error.status)
+        return
     rate = service.settings.max_ws_messages_per_second
-    bucket = TokenBucket(rate, burst=rate, now=time.monotonic())
-    connection = Connection(socket, service, session, f"{session.id}:{uuid.uuid4().hex}", bucket)
-    release = service.pin(session)
+    connection = Connection(socket, service, session, TokenBucket(rate, burst=rate, now=time.monotonic()))
     unsubscribe = service.subscribe(session.id, connection.on_event)
     try:
         await connection.send_text(event("state", **session_view(session)))
@@ -140,9 +143,8 @@ async def session_socket(socket: WebSocket) -> None:
             await connection._forward(joined)
         await _receive_loop(connection)
     finally:
-        release()
-        service.cancel_previews(connection.owner)
         unsubscribe()
+        release()
 
 
 async def _receive_loop(connection: Connection) -> None:
@@ -173,6 +175,10 @@ async def _receive_loop(connection: Connection) -> None:
                 await _on_history(connection, parsed)
         except UserError as error:
             await connection.send_error(error.code, error.message, seq=parsed.seq)
+        except Exception:  # a bug must cost this message, never the connection
+            log.exception("a websocket message of session %s failed", connection.session.id[:8])
+            await connection.send_error("internal_error", "the server failed on this message; see its log",
+                                        seq=parsed.seq)
 
 
 async def _on_sliders(connection: Connection, message: SliderMessage) -> None:
@@ -182,11 +188,14 @@ async def _on_sliders(connection: Connection, message: SliderMessage) -> None:
         return
     connection.service.set_sliders(session, dict(message.values), commit=message.commit)
     _request_preview(connection, message.seq, dict(message.values))
+    if message.commit:  # a committed state is on disk before the client hears it is saved
+        await connection.service.save_edit(session)
+        await connection.send_text(event("saved", seq=message.seq))
 
 
 async def _on_history(connection: Connection, message: HistoryMessage) -> None:
     session = connection.session
-    changed = await connection.service.step_history(session, message.action, wait=False)
+    changed = await connection.service.step_history(session, message.action)
     history = session.edit.history
     await connection.send_text(event("sliders", seq=message.seq, values=session.edit.sliders, changed=changed,
                                      can_undo=bool(history.undo_stack), can_redo=bool(history.redo_stack)))
@@ -202,7 +211,7 @@ def _request_preview(connection: Connection, seq: int, values: dict[str, float])
 
 async def _send_preview(connection: Connection, seq: int, arrival: int, values: dict[str, float]) -> None:
     try:
-        image = await connection.service.preview(connection.session, connection.owner, values)
+        image = await connection.service.preview(connection.session, values)
     except asyncio.CancelledError:
         return
     except UserError as error:

@@ -8,9 +8,12 @@ from typing import Any
 from fluidsrv.service import Direction, Face, Session
 
 
-def progress_view(stage: str, step: int, total: int, message: str) -> dict[str, Any]:
-    """The JSON form of a job's progress."""
-    return {"stage": stage, "step": step, "total": total, "message": message}
+def progress_view(stage: str, step: int, total: int, message: str, queued: int = 0) -> dict[str, Any]:
+    """The JSON form of a job's progress (``queued``: jobs ahead of it while it waits in line)."""
+    view: dict[str, Any] = {"stage": stage, "step": step, "total": total, "message": message}
+    if queued:
+        view["queued"] = queued
+    return view
 
 
 def direction_view(direction: Direction) -> dict[str, Any]:
@@ -40,7 +43,7 @@ def session_view(session: Session, thumbnails: list[bytes] | None = None) -> dic
         "session_id": session.id,
         "status": session.status.value,
         "error": session.error,
-        "progress": progress_view(progress.stage, progress.step, progress.total, progress.message)
+        "progress": progress_view(progress.stage, progress.step, progress.total, progress.message, progress.queued)
         if progress is not None else None,
         "width": width,
         "height": height,
