@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
@@ -26,6 +27,7 @@ from typing import Any, Literal
 from fluidsrv import latents, pipeline
 from fluidsrv.admission import AdmissionQueue
 from fluidsrv.convert import encode_preview
+from fluidsrv.decode_budget import ClientPixelBudget, PixelBudget, probe_pixels
 from fluidsrv.errors import UserError
 from fluidsrv.events import (
     DeletedEvent,
@@ -97,6 +99,8 @@ class EditService(LatentTools):
         self._abandon_timers: dict[str, asyncio.TimerHandle] = {}  # jobs whose last client left, by session
         self._admission = AdmissionQueue(self.settings.max_concurrent_prepares)
         self._sockets: Counter[str] = Counter()  # open websockets per session
+        self._decoding = PixelBudget(self.settings.decode_pixel_budget)
+        self._client_pixels = ClientPixelBudget(self.settings.client_pixels_per_minute)
         self._background: set[asyncio.Task[Any]] = set()
         self._expiry: asyncio.Task[None] | None = None
         self._closing = False
@@ -195,13 +199,26 @@ class EditService(LatentTools):
 
     # ---- sessions ------------------------------------------------------------------------------------------
 
-    async def create(self, data: bytes, filename: str | None = None) -> tuple[Session, str]:
-        """Create a session from an uploaded photo; return it and its token. Refuses photos without a face."""
+    async def create(self, data: bytes, filename: str | None = None, *,
+                     client: str | None = None) -> tuple[Session, str]:
+        """Create a session from an uploaded photo; return it and its token. Refuses photos without a face.
+
+        Decoding is bounded: ``client`` (an address) may have ``client_pixels_per_minute`` pixels decoded a
+        minute, and at most ``decode_pixel_budget`` pixels are decoded at once server-wide (the rest wait).
+        """
         settings = self.settings
-        decoded = await asyncio.to_thread(
-            decode_image, data, max_pixels=settings.max_pixels, max_bytes=settings.max_upload_bytes)
-        detector = self.runtime.stage("detector")
-        faces = await asyncio.to_thread(pipeline.detect_faces, detector, decoded.pixels)
+        declared = probe_pixels(data)
+        pixels = declared if declared <= settings.max_pixels else 0  # refused from its header: costs nothing
+        if client is not None:
+            wait = self._client_pixels.take(client, pixels, time.monotonic())
+            if wait > 0:
+                raise UserError(f"this address has had too many pixels decoded this minute; try again in "
+                                f"{math.ceil(wait)} s", status=429, code="decode_budget")
+        async with self._decoding.reserve(pixels):
+            decoded = await asyncio.to_thread(
+                decode_image, data, max_pixels=settings.max_pixels, max_bytes=settings.max_upload_bytes)
+            detector = self.runtime.stage("detector")
+            faces = await asyncio.to_thread(pipeline.detect_faces, detector, decoded.pixels)
         if not faces:
             raise UserError("no face was found in this photo; try a photo where a face is clearly visible",
                             status=422, code="no_face")
@@ -540,7 +557,11 @@ class EditService(LatentTools):
 
     def stats(self) -> dict[str, Any]:
         """Executor and session-store counters."""
-        return {"executor": vars(self.executor.stats()), "sessions": vars(self.store.stats())}
+        decoding = {"pixels_in_use": self._decoding.in_use, "peak_pixels": self._decoding.peak,
+                    "waiting": self._decoding.waiting, "budget_pixels": self._decoding.total}
+        prepares = {"running": self._admission.running, "waiting": self._admission.waiting}
+        return {"executor": vars(self.executor.stats()), "sessions": vars(self.store.stats()), "decoding": decoding,
+                "prepares": prepares}
 
     async def _expire_periodically(self) -> None:
         while True:
