@@ -12,13 +12,31 @@ Every piece of model work goes through one :class:`GpuExecutor`. Async code subm
   while a preview of that owner still waits in the queue, a newer one replaces its state and the
   older future resolves to :data:`SUPERSEDED` (not an error), so only the newest slider state renders.
 
-Order: lower :class:`Priority` first, then first-come first-served. A step job keeps its place in
-line between steps, so two encode jobs run one after the other (not interleaved), while previews
-and finalize jobs overtake them at every step boundary.
+Order: at every turn boundary the worker first takes a cancelled job (to close it), else picks a
+*class*, then a job within it:
+
+- Two classes: *previews* (every job at ``Priority.PREVIEW``) and *long jobs* (every other
+  priority: finalize, encode, fine-tune; calls and step jobs alike). When only one class has
+  waiting jobs it gets the whole worker. When both wait, long jobs get ``long_job_share`` of the
+  worker's time and previews the rest, each turn timed with ``clock`` (``time.perf_counter``):
+  the executor keeps a *credit* for the long class; a contested turn of ``t`` seconds adds
+  ``long_job_share * t`` to it and, when it was a long job's turn, subtracts ``t``. A long job
+  runs when the credit is positive, a preview otherwise (previews win ties). The credit is clamped
+  to ``[-long_job_share, 1 - long_job_share] * fair_share_window``, so after one long turn (say a
+  5 s finalize) either class catches up alone for at most ``fair_share_window`` (1 s) of its own
+  work; turns run while only one class waits move the credit back to zero at that same rate, so
+  history older than about the window is forgotten and a class that sat idle cannot monopolise
+  the worker later.
+- Within the class: lower :class:`Priority` first (FINALIZE before ENCODE); within a priority, the
+  owner whose last turn at that priority started longest ago (owners never served, or forgotten,
+  first), then first-come. Owners therefore take turns: three owners' queued calls run
+  A, B, C, A, B, C, and two owners' step jobs alternate steps, while one owner's jobs of one
+  priority run in arrival order. The last turn of at most 4096 (priority, owner) pairs is kept.
 
 Cancellation: ``cancel_owner(owner)`` (a client left) and cancelling the awaiting task both cancel
 the job's future; a running step job stops at its next step boundary and its generator is closed
-(its ``finally`` blocks run on the worker thread, where its tensors live).
+(its ``finally`` blocks run on the worker thread, where its tensors live). ``cancel_previews(owner)``
+cancels only the owner's queued, not yet started preview and leaves its other jobs alone.
 
 Out of memory: when a job raises ``torch.OutOfMemoryError`` (or a ``RuntimeError`` saying "out of
 memory"), the worker calls ``on_out_of_memory()`` (the session store spills idle sessions), empties
@@ -26,8 +44,8 @@ the CUDA cache and retries once: a callable or preview is called again, a step j
 its factory and restarts from its first step. A second failure fails the job with
 ``ExecutorError("out of memory ...")``. No exception ever stops the worker: it fails that job only.
 
-Threading: the submit methods, ``cancel_owner`` and ``shutdown`` are called on the event loop
-thread; ``stats()`` may be called from anywhere.
+Threading: the submit methods, ``cancel_owner``, ``cancel_previews`` and ``shutdown`` are called
+on the event loop thread; ``stats()`` may be called from anywhere.
 """
 
 from __future__ import annotations
@@ -40,7 +58,7 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
@@ -52,6 +70,8 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 S = TypeVar("S")
+
+_OWNER_MEMORY: Final = 4096  # (priority, owner) pairs whose last turn is remembered; the oldest go first
 
 Owner = str
 """Who a job belongs to: a session id. ``cancel_owner`` and preview coalescing work per owner."""
@@ -94,6 +114,10 @@ class ExecutorStats:
     previews_coalesced: int  # queued previews replaced by a newer one of the same owner
     oom_recoveries: int  # times on_out_of_memory ran before a retry
     busy_seconds: float  # wall time the worker spent running turns
+    preview_seconds: float = 0.0  # the part of busy_seconds spent on Priority.PREVIEW jobs
+    long_job_seconds: float = 0.0  # the part spent on every other priority (finalize, encode, fine-tune)
+    max_wait_seconds: float = 0.0  # longest a queued job has been waiting for its next turn right now
+    long_job_credit: float = 0.0  # the fair-share credit of long jobs (seconds; see the module docstring)
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -112,6 +136,7 @@ class _Job:
         self.loop = loop
         self.future: asyncio.Future[Any] = loop.create_future()
         self.seq = 0  # first-come order, set by the executor when first queued
+        self.waiting_since = 0.0  # the executor's clock when it last entered the queue
         self.started = False  # the worker has taken it at least once (set under the executor lock)
         self.cancelled = False  # stop at the next turn boundary
 
@@ -242,9 +267,21 @@ class GpuExecutor:
     """Runs all device work on one worker thread, most urgent first; see the module docstring."""
 
     def __init__(self, device: torch.device | str = "cpu",
-                 on_out_of_memory: Callable[[], int] | None = None) -> None:
+                 on_out_of_memory: Callable[[], int] | None = None, *,
+                 long_job_share: float = 0.5, fair_share_window: float = 1.0,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        if not 0.0 < long_job_share < 1.0:
+            raise ValueError(f"long_job_share must be between 0 and 1, not {long_job_share!r}")
+        if not fair_share_window > 0.0:
+            raise ValueError(f"fair_share_window must be positive, not {fair_share_window!r}")
         self.device = torch.device(device)
         self._on_out_of_memory = on_out_of_memory
+        self._long_job_share = long_job_share
+        self._clock = clock  # seconds; tests pass a fake one to count turns without wall-time noise
+        self._credit_bounds = (-long_job_share * fair_share_window, (1.0 - long_job_share) * fair_share_window)
+        self._credit = 0.0  # long jobs' fair-share credit in seconds; see the module docstring
+        self._turns = 0
+        self._last_served: dict[tuple[Priority, Owner | None], int] = {}  # ordered oldest turn first
         self._lock = threading.Condition()
         self._queue: list[_Job] = []  # small (about one preview per client plus a few jobs): a list and min()
         self._pending_previews: dict[Owner, _PreviewJob] = {}  # queued, not yet started
@@ -256,6 +293,8 @@ class GpuExecutor:
             ("jobs_completed", "jobs_failed", "jobs_cancelled", "steps_run", "previews_rendered",
              "previews_coalesced", "oom_recoveries"), 0)
         self._busy_seconds = 0.0
+        self._preview_seconds = 0.0
+        self._long_job_seconds = 0.0
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -350,11 +389,24 @@ class GpuExecutor:
             _call_on_loop(job.loop, functools.partial(_cancel, job.future))
         return len(doomed)
 
+    def cancel_previews(self, owner: Owner) -> int:
+        """Cancel ``owner``'s queued, not yet started preview (its other jobs stay); return how many."""
+        with self._lock:
+            doomed = self._mark_cancelled_locked(
+                lambda job: isinstance(job, _PreviewJob) and job.owner == owner and not job.started)
+        for job in doomed:
+            _call_on_loop(job.loop, functools.partial(_cancel, job.future))
+        return len(doomed)
+
     def stats(self) -> ExecutorStats:
         """Return a snapshot of the queue and the counters."""
         with self._lock:
+            now = self._clock()
+            waits = [now - job.waiting_since for job in self._queue if not job.cancelled]
             return ExecutorStats(queued=len(self._queue), running=self._current is not None,
-                                 busy_seconds=self._busy_seconds, **self._counters)
+                                 busy_seconds=self._busy_seconds, preview_seconds=self._preview_seconds,
+                                 long_job_seconds=self._long_job_seconds, max_wait_seconds=max(waits, default=0.0),
+                                 long_job_credit=self._credit, **self._counters)
 
     # ---- queue (callers hold self._lock) -------------------------------------------------------
 
@@ -371,16 +423,53 @@ class GpuExecutor:
         job.seq = self._next_seq
         self._next_seq += 1
         job.future.add_done_callback(functools.partial(self._on_future_done, job))
+        job.waiting_since = self._clock()
         self._queue.append(job)
         self._lock.notify()
 
-    def _pop_next_locked(self) -> _Job:
-        """Take the most urgent job: cancelled ones first (to close them promptly), then priority, then age."""
-        job = min(self._queue, key=lambda j: (-1 if j.cancelled else int(j.priority), j.seq))
+    def _pop_next_locked(self) -> tuple[_Job, bool]:
+        """Take the next job (see "Order" in the module docstring); return it and whether both classes waited."""
+        cancelled = [job for job in self._queue if job.cancelled]
+        previews = [job for job in self._queue if not job.cancelled and job.priority == Priority.PREVIEW]
+        long_jobs = [job for job in self._queue if not job.cancelled and job.priority != Priority.PREVIEW]
+        contested = bool(previews and long_jobs)
+        candidates: Sequence[_Job]
+        if cancelled:
+            candidates = cancelled
+        elif contested:
+            candidates = long_jobs if self._credit > 0.0 else previews
+        else:
+            candidates = previews or long_jobs
+        job = min(candidates, key=lambda j: (int(j.priority), self._last_served.get((j.priority, j.owner), -1), j.seq))
         self._queue.remove(job)
         job.started = True
         self._forget_pending_preview_locked(job)
-        return job
+        if not job.cancelled:
+            self._turns += 1
+            key = (job.priority, job.owner)
+            self._last_served.pop(key, None)
+            self._last_served[key] = self._turns  # re-inserted: the dict stays ordered oldest turn first
+            if len(self._last_served) > _OWNER_MEMORY:
+                del self._last_served[next(iter(self._last_served))]
+        return job, contested
+
+    def _account_locked(self, job: _Job, seconds: float, contested: bool) -> None:
+        """Add one turn's time to its class and move the long jobs' fair-share credit."""
+        long_job = job.priority != Priority.PREVIEW
+        self._busy_seconds += seconds
+        if long_job:
+            self._long_job_seconds += seconds
+        else:
+            self._preview_seconds += seconds
+        share, credit = self._long_job_share, self._credit
+        if contested:
+            credit += share * seconds - (seconds if long_job else 0.0)
+        elif credit < 0.0:  # uncontested: forget history at the rate it would be repaid
+            credit = min(0.0, credit + share * seconds)
+        else:
+            credit = max(0.0, credit - (1.0 - share) * seconds)
+        low, high = self._credit_bounds
+        self._credit = min(max(credit, low), high)
 
     def _forget_pending_preview_locked(self, job: _Job) -> None:
         """Stop offering ``job`` for coalescing (it started or was cancelled)."""
@@ -426,21 +515,25 @@ class GpuExecutor:
                     self._lock.wait()
                 if not self._queue:
                     return  # stopping, and every cancelled job has been closed
-                job = self._pop_next_locked()
+                job, contested = self._pop_next_locked()
                 self._current = job
-            finished = self._run_turn(job)
+            began = self._clock()
+            outcome = self._run_turn(job)
+            ended = self._clock()
             with self._lock:
                 self._current = None
-                if not finished:  # keeps its seq (its place in line); if cancelled meanwhile, it is taken
-                    self._queue.append(job)  # first next time and closed
+                self._account_locked(job, ended - began, contested)
+                if outcome is None:  # keeps its seq (first-come order); if cancelled meanwhile, it is
+                    job.waiting_since = ended  # taken first next time and closed
+                    self._queue.append(job)
+            if outcome is not None:  # resolved after the accounting, so stats() already counts it
+                _call_on_loop(job.loop, outcome)
 
-    def _run_turn(self, job: _Job) -> bool:
-        """Run one turn of ``job`` and resolve its future when it ends; never raises."""
+    def _run_turn(self, job: _Job) -> Callable[[], None] | None:
+        """Run one turn of ``job``; return what resolves its future when it ended (None: unfinished); never raises."""
         if job.cancelled:
             job.close()
-            _call_on_loop(job.loop, functools.partial(_cancel, job.future))
-            return True
-        began = time.perf_counter()
+            return functools.partial(_cancel, job.future)
         try:
             finished, result = job.turn(self)
         except BaseException as error:
@@ -451,15 +544,11 @@ class GpuExecutor:
                 error = wrapped
             logger.debug("a %s job failed", job.priority.name.lower(), exc_info=error)
             self._count(jobs_failed=1)
-            _call_on_loop(job.loop, functools.partial(_set_exception, job.future, error))
-            return True
-        finally:
-            with self._lock:
-                self._busy_seconds += time.perf_counter() - began
-        if finished:
-            self._count(jobs_completed=1)
-            _call_on_loop(job.loop, functools.partial(_set_result, job.future, result))
-        return finished
+            return functools.partial(_set_exception, job.future, error)
+        if not finished:
+            return None
+        self._count(jobs_completed=1)
+        return functools.partial(_set_result, job.future, result)
 
     # ---- out of memory (worker thread) -------------------------------------------------------
 

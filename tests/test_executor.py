@@ -1,9 +1,12 @@
-"""The single device executor: priorities, preview coalescing, step jobs, cancellation, out-of-memory."""
+"""The single device executor: priorities, fair share, round-robin, coalescing, step jobs, cancellation, OOM."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import itertools
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,8 +21,9 @@ WAIT = 10.0  # seconds; generous upper bound for anything in these tests (they t
 
 
 @asynccontextmanager
-async def running_executor(on_out_of_memory: Callable[[], int] | None = None) -> AsyncIterator[GpuExecutor]:
-    executor = GpuExecutor("cpu", on_out_of_memory=on_out_of_memory)
+async def running_executor(on_out_of_memory: Callable[[], int] | None = None,
+                           **options: Any) -> AsyncIterator[GpuExecutor]:
+    executor = GpuExecutor("cpu", on_out_of_memory=on_out_of_memory, **options)
     executor.start()
     try:
         yield executor
@@ -407,25 +411,25 @@ def test_shutdown_cancels_pending_work_closes_generators_and_refuses_new_work() 
     async def scenario() -> None:
         executor = GpuExecutor("cpu")
         executor.start()
-        closed = threading.Event()
-        release = threading.Event()
-        blocker = await occupy_worker(executor, release)
+        closed, in_step, proceed = threading.Event(), threading.Event(), threading.Event()
 
         def started_job() -> Generator[Progress, None, None]:
             try:
                 while True:
+                    in_step.set()
+                    proceed.wait(WAIT)
                     yield Progress("encode", 0, 0)
             finally:
                 closed.set()
 
         job = asyncio.create_task(executor.run_job(started_job, priority=Priority.PREVIEW))
+        await wait_for_event(in_step)  # the step job has started: it holds an open generator
         queued = asyncio.create_task(executor.run(lambda: None, priority=Priority.ENCODE))
-        await asyncio.sleep(0)
-        release.set()
-        await blocker
-        while executor.stats().steps_run == 0:  # let the step job start so it holds an open generator
-            await asyncio.sleep(0.001)
-        await executor.shutdown(timeout=WAIT)
+        await asyncio.sleep(0)  # queued behind the running step, never started
+        stopping = asyncio.create_task(executor.shutdown(timeout=WAIT))
+        await asyncio.sleep(0)  # shutdown has cancelled everything and now joins the worker
+        proceed.set()
+        await stopping
         for task in (job, queued):
             with pytest.raises(asyncio.CancelledError):
                 await task
@@ -433,5 +437,300 @@ def test_shutdown_cancels_pending_work_closes_generators_and_refuses_new_work() 
         assert not executor.running
         with pytest.raises(ExecutorError, match="not running"):
             await executor.run(lambda: None, priority=Priority.PREVIEW)
+
+    run(scenario())
+
+
+# ---- fair share, round-robin, cancel_previews, stats, injected out-of-memory -----------------------
+
+
+class FakeClock:
+    """The executor's clock in fairness tests: it moves only when a test job says it worked, so turn
+    lengths are exact (binary fractions, so the credit arithmetic is exact too) and turn order is
+    deterministic on a noisy machine."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def timed_steps(steps: int, turns: list[str], clock: FakeClock, seconds: float) -> Generator[Progress, None, int]:
+    for step in range(steps):
+        turns.append("L")
+        clock.advance(seconds)
+        yield Progress(stage="encode", step=step + 1, total=steps)
+    return steps
+
+
+class PreviewLoad:
+    """Keeps one preview per owner always queued: each render queues its owner's next one before it ends."""
+
+    def __init__(self, executor: GpuExecutor, owners: int, turns: list[str], clock: FakeClock, seconds: float,
+                 limit: int = 200) -> None:
+        self.executor, self.turns, self.clock, self.seconds, self.limit = executor, turns, clock, seconds, limit
+        self.owners = [f"viewer{index}" for index in range(owners)]
+        self.loop = asyncio.get_running_loop()
+        self.futures: list[asyncio.Future[Any]] = []
+        self.rendered = 0
+        self.stopped = False
+
+    def start(self) -> None:
+        for owner in self.owners:
+            self.futures.append(self.executor.submit_preview(owner, owner, self.render))
+
+    def render(self, owner: str) -> None:
+        self.turns.append("P")
+        self.rendered += 1
+        if self.rendered < self.limit:  # the limit ends a starved run instead of hanging the test
+            asyncio.run_coroutine_threadsafe(self.resubmit(owner), self.loop).result(WAIT)
+        self.clock.advance(self.seconds)
+
+    async def resubmit(self, owner: str) -> None:
+        if not self.stopped:
+            self.futures.append(self.executor.submit_preview(owner, owner, self.render))
+
+    async def stop(self) -> None:
+        self.stopped = True
+        assert SUPERSEDED not in await asyncio.gather(*self.futures)  # each owner's previews were sequential
+
+
+async def step_job_under_preview_load(share: float, step_seconds: float, preview_seconds: float,
+                                      steps: int = 10) -> list[str]:
+    """Run a ``steps``-step job of owner "a" while 5 owners keep previews always queued; return the turns."""
+    turns: list[str] = []
+    clock = FakeClock()
+    async with running_executor(long_job_share=share, clock=clock) as executor:
+        release = threading.Event()
+        blocker = await occupy_worker(executor, release)
+        job = asyncio.create_task(executor.run_job(
+            lambda: timed_steps(steps, turns, clock, step_seconds), priority=Priority.ENCODE, owner="a"))
+        await asyncio.sleep(0)
+        load = PreviewLoad(executor, 5, turns, clock, preview_seconds)
+        load.start()
+        release.set()
+        await blocker
+        assert await job == steps
+        await load.stop()
+    return turns
+
+
+@pytest.mark.parametrize("share", [0.5, 0.25])
+def test_a_step_job_gets_its_share_of_turns_while_previews_are_always_waiting(share: float) -> None:
+    async def scenario() -> None:
+        turns = await step_job_under_preview_load(share, step_seconds=1 / 64, preview_seconds=1 / 64)
+        steps = [index for index, turn in enumerate(turns) if turn == "L"]
+        gaps = [later - earlier - 1 for earlier, later in itertools.pairwise(steps)]
+        expected = round((1 - share) / share)  # previews between two steps when both take equal time
+        assert steps[0] == 1, turns  # previews win the first tie; the old scheduler ran all 200 previews first
+        assert gaps == [expected] * 9, turns
+
+    run(scenario())
+
+
+@pytest.mark.parametrize(("share", "step_seconds", "preview_seconds"),
+                         [(0.5, 1 / 16, 1 / 64), (0.25, 1 / 128, 1 / 32), (0.75, 1 / 32, 1 / 32)])
+def test_long_jobs_time_stays_within_one_turn_of_their_share(share: float, step_seconds: float,
+                                                              preview_seconds: float) -> None:
+    async def scenario() -> None:
+        turns = await step_job_under_preview_load(share, step_seconds, preview_seconds, steps=20)
+        long_time = total = 0.0
+        last_step = max(index for index, turn in enumerate(turns) if turn == "L")
+        for turn in turns[:last_step + 1]:  # while both classes waited
+            long_time += step_seconds if turn == "L" else 0.0
+            total += step_seconds if turn == "L" else preview_seconds
+            assert abs(long_time - share * total) <= max(step_seconds, preview_seconds), turns
+
+    run(scenario())
+
+
+def test_the_credit_is_clamped_and_forgotten_while_only_one_class_waits() -> None:
+    async def scenario() -> None:
+        turns: list[str] = []
+        clock = FakeClock()
+        async with running_executor(long_job_share=0.5, fair_share_window=1 / 16, clock=clock) as executor:
+            release = threading.Event()
+            blocker = await occupy_worker(executor, release)
+
+            def big_turn() -> None:
+                turns.append("BIG")
+                clock.advance(1 / 4)
+
+            big = asyncio.create_task(executor.run(big_turn, priority=Priority.FINALIZE, owner="f"))
+            job = asyncio.create_task(executor.run_job(
+                lambda: timed_steps(5, turns, clock, 1 / 64), priority=Priority.ENCODE, owner="a"))
+            await asyncio.sleep(0)
+            load = PreviewLoad(executor, 5, turns, clock, 1 / 64)
+            load.start()
+            release.set()
+            await asyncio.gather(blocker, big)
+            assert await job == 5
+            await load.stop()
+            assert turns[:2] == ["P", "BIG"]  # FINALIZE before ENCODE within the long class
+            # BIG left previews owed 1/8 s of credit, clamped to 1/32 (1/16 s of previews): 4 previews repay
+            # it, the 5th makes it positive; unclamped the step would wait 16 previews
+            assert turns.index("L") - turns.index("BIG") - 1 == 5, turns
+            assert -1 / 32 <= executor.stats().long_job_credit <= 1 / 32
+            await executor.run(lambda: clock.advance(1 / 16), priority=Priority.ENCODE)  # nothing else waits
+            assert executor.stats().long_job_credit == 0.0  # a window of one-class work forgets the history
+
+    run(scenario())
+
+
+def test_owners_take_turns_within_a_priority() -> None:
+    async def scenario() -> None:
+        async with running_executor() as executor:
+            order: list[str] = []
+            release = threading.Event()
+            blocker = await occupy_worker(executor, release)
+            tasks = [asyncio.create_task(executor.run(functools.partial(order.append, f"{owner}{index}"),
+                                                      priority=Priority.FINALIZE, owner=owner))
+                     for owner in "abc" for index in range(3)]
+            await asyncio.sleep(0)
+            release.set()
+            await asyncio.gather(blocker, *tasks)
+            assert order == ["a0", "b0", "c0", "a1", "b1", "c1", "a2", "b2", "c2"]
+
+    run(scenario())
+
+
+def test_two_owners_step_jobs_alternate_while_one_owners_jobs_run_in_order() -> None:
+    async def scenario() -> None:
+        async with running_executor() as executor:
+            log: list[str] = []
+            release = threading.Event()
+            blocker = await occupy_worker(executor, release)
+            jobs = [asyncio.create_task(executor.run_job(
+                        functools.partial(counting_job, steps, log, name), priority=Priority.ENCODE, owner=owner))
+                    for name, owner, steps in (("a", "a", 3), ("b", "b", 3), ("x", "a", 2))]
+            await asyncio.sleep(0)
+            release.set()
+            await asyncio.gather(blocker, *jobs)
+            assert log == ["a0", "b0", "a1", "b1", "a2", "b2", "x0", "x1"]
+
+    run(scenario())
+
+
+def test_cancel_previews_drops_only_the_queued_preview_and_leaves_the_step_job_running() -> None:
+    async def scenario() -> None:
+        async with running_executor() as executor:
+            log: list[str] = []
+            in_step, proceed = threading.Event(), threading.Event()
+
+            def before_step(step: int) -> None:
+                if step == 0:
+                    in_step.set()
+                    assert proceed.wait(WAIT)
+
+            job = asyncio.create_task(executor.run_job(
+                lambda: counting_job(3, log, "prepare", before_step), priority=Priority.ENCODE, owner="s"))
+            await wait_for_event(in_step)
+            mine = executor.submit_preview("s", 1, lambda state: log.append(f"s{state}"))
+            theirs = executor.submit_preview("t", 2, lambda state: log.append(f"t{state}"))
+            assert executor.cancel_previews("s") == 1
+            assert executor.cancel_previews("s") == 0
+            proceed.set()
+            assert await job == "prepare done"
+            await theirs
+            assert mine.cancelled()
+            assert log == ["prepare0", "t2", "prepare1", "prepare2"]
+
+            rendering, release = threading.Event(), threading.Event()
+
+            def slow_render(state: int) -> int:
+                rendering.set()
+                release.wait(WAIT)
+                return state
+
+            started = executor.submit_preview("s", 3, slow_render)
+            await wait_for_event(rendering)
+            assert executor.cancel_previews("s") == 0  # a started preview is not cancelled
+            release.set()
+            assert await started == 3
+
+    run(scenario())
+
+
+def test_stats_split_busy_time_by_class_and_report_the_longest_wait() -> None:
+    async def scenario() -> None:
+        async with running_executor() as executor:
+            release = threading.Event()
+            blocker = await occupy_worker(executor, release)
+            preview = executor.submit_preview("a", 1, lambda state: time.sleep(0.02))
+            await asyncio.sleep(0.05)
+            assert executor.stats().max_wait_seconds >= 0.04
+            release.set()
+            await asyncio.gather(blocker, preview)
+            stats = executor.stats()
+            assert stats.max_wait_seconds == 0.0
+            assert stats.long_job_seconds >= 0.04  # the blocker ran for at least the 0.05 s sleep
+            assert stats.preview_seconds >= 0.015
+            assert stats.busy_seconds == pytest.approx(stats.preview_seconds + stats.long_job_seconds)
+
+    run(scenario())
+
+
+def test_long_job_share_is_validated() -> None:
+    for share in (0.0, 1.0, -0.5):
+        with pytest.raises(ValueError, match="long_job_share"):
+            GpuExecutor("cpu", long_job_share=share)
+
+
+@pytest.mark.parametrize("kind", ["call", "preview", "step"])
+def test_an_injected_cuda_out_of_memory_error_is_retried_once_then_fails_only_that_job(kind: str) -> None:
+    async def scenario() -> None:
+        evictions: list[int] = []
+        attempts: list[int] = []
+
+        def evict() -> int:
+            evictions.append(1)
+            return 0
+
+        def flaky() -> str:
+            attempts.append(1)
+            if len(attempts) == 1:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+            return "ok"
+
+        def always() -> str:
+            attempts.append(1)
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        def steps(fn: Callable[[], str]) -> Generator[Progress, None, str]:
+            value = fn()
+            yield Progress("encode", 1, 1)
+            return value
+
+        def submit(fn: Callable[[], str]) -> asyncio.Future[Any]:
+            if kind == "call":
+                return asyncio.ensure_future(executor.run(fn, priority=Priority.FINALIZE, owner="a"))
+            if kind == "preview":
+                return executor.submit_preview("a", None, lambda state: fn())
+            return asyncio.ensure_future(executor.run_job(
+                functools.partial(steps, fn), priority=Priority.FINALIZE, owner="a"))
+
+        async with running_executor(on_out_of_memory=evict) as executor:
+            assert await submit(flaky) == "ok"
+            assert (len(attempts), len(evictions)) == (2, 1)
+            attempts.clear()
+            release = threading.Event()
+            blocker = await occupy_worker(executor, release)
+            doomed = submit(always)
+            following = asyncio.ensure_future(executor.run(lambda: "next", priority=Priority.ENCODE, owner="b"))
+            await asyncio.sleep(0)
+            release.set()
+            await blocker
+            with pytest.raises(ExecutorError, match="out of memory") as error:
+                await doomed
+            assert isinstance(error.value.__cause__, torch.cuda.OutOfMemoryError)
+            assert await following == "next"
+            assert (len(attempts), len(evictions)) == (2, 2)
+            stats = executor.stats()
+            assert (stats.oom_recoveries, stats.jobs_failed) == (2, 1)
+            assert executor.running
 
     run(scenario())
