@@ -277,3 +277,58 @@ def test_optional_panels_appear_when_the_server_has_their_routes(page: Any) -> N
     page.click("#nav-editor")
     assert page.is_visible("#view-upload")
 
+
+
+CSP_WATCH = """
+window.cspViolations = [];
+document.addEventListener("securitypolicyviolation", (event) => {
+  const where = `${event.sourceFile}:${event.lineNumber}`;
+  window.cspViolations.push(`${event.effectiveDirective} blocked ${event.blockedURI} at ${where}`);
+});
+"""
+"""Collects the page's Content-Security-Policy violations from its first script on."""
+
+
+def test_the_app_runs_under_its_content_security_policy(browser: Any, base_url: str, shared_dir: Path) -> None:
+    page = browser.new_page()
+    page.add_init_script(CSP_WATCH)
+    console: list[str] = []
+    errors: list[str] = []
+    page.on("console", lambda message: console.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    try:
+        policy = page.goto(base_url).headers["content-security-policy"]
+        assert "'unsafe-inline'" not in policy and "frame-ancestors 'none'" in policy
+        wait_booted(page)
+
+        # upload: the photo (a blob: URL) and the faces' thumbnails (data: URLs) show
+        page.set_input_files("#file-input", str(shared_dir / "photos" / SMALL_PHOTO))
+        page.wait_for_selector("#view-faces:not([hidden])")
+        page.wait_for_function("""() => {
+            const images = [document.querySelector('#photo'), ...document.querySelectorAll('#face-list img')];
+            return images.every((image) => image.complete && image.naturalWidth > 0);
+        }""")
+        assert page.locator("#face-list img").count() >= 1
+
+        # pick a face: progress frames, then previews over the websocket as a slider moves
+        page.locator(".face-box").nth(0).click()
+        page.wait_for_selector("#view-editor:not([hidden])", timeout=60_000)
+        seq = wait_new_frame(page, -1)
+        drag_slider(page, FIRST_SLIDER, 0.9)
+        wait_new_frame(page, seq)
+        shot(page, "40-under-csp")
+
+        assert page.evaluate("window.cspViolations") == []
+        assert [text for text in console if "Content Security Policy" in text] == []
+        assert errors == []
+
+        # the watcher does see a violation: an inline script is refused
+        page.evaluate("""() => document.head.appendChild(
+            Object.assign(document.createElement('script'), { textContent: 'window.inlineRan = true' }))""")
+        page.wait_for_function("window.cspViolations.length > 0")
+        assert page.evaluate("window.inlineRan") is None
+        assert page.evaluate("window.cspViolations")[0].startswith("script-src-elem blocked inline")
+    except PlaywrightTimeout as error:  # a blocked image or socket shows as a wait that never ends: say why
+        raise AssertionError(f"{error}\nCSP violations: {page.evaluate('window.cspViolations')}") from None
+    finally:
+        page.close()

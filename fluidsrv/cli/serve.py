@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import ipaddress
+from typing import TYPE_CHECKING, Any
+
+from fluidsrv.settings import Settings, SettingsError
+
+if TYPE_CHECKING:
+    import uvicorn
 
 
 def register(subparsers: Any) -> None:
@@ -16,23 +22,56 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(handler=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Start uvicorn with the app built from the settings."""
+def trusted_proxies(settings: Settings) -> list[str]:
+    """The addresses whose ``X-Forwarded-For`` / ``-Proto`` are believed (``*``: any), checked as IPs or CIDRs."""
+    entries = [entry.strip() for entry in settings.forwarded_allow_ips.split(",") if entry.strip()]
+    for entry in entries:
+        if entry != "*" and not _is_address_or_network(entry):
+            raise SettingsError(
+                f"FLUIDSRV_FORWARDED_ALLOW_IPS: {entry!r} is not an IP address or network (e.g. 10.0.0.0/8)")
+    return ["*"] if "*" in entries else entries  # uvicorn trusts everyone only for a lone "*"
+
+
+def _is_address_or_network(entry: str) -> bool:
+    try:
+        if "/" in entry:
+            ipaddress.ip_network(entry, strict=False)
+        else:
+            ipaddress.ip_address(entry)
+    except ValueError:
+        return False
+    return True
+
+
+def build_config(settings: Settings, app: Any = None) -> uvicorn.Config:
+    """The uvicorn configuration ``fluidsrv serve`` runs: ``app`` (default: the app of ``settings``) and its limits."""
     import uvicorn
 
-    from fluidsrv.logs import install_redaction
-    from fluidsrv.settings import Settings
     from fluidsrv.web import create_app
 
-    settings = Settings.from_env(host=args.host, port=args.port, device=args.device, generator=args.generator)
-    config = uvicorn.Config(
-        create_app(settings),
+    proxies = trusted_proxies(settings)
+    return uvicorn.Config(
+        app if app is not None else create_app(settings),
         host=settings.host,
         port=settings.port,
         log_level="info",
         # frames beyond this close the socket at once; the app answers smaller oversized messages with an error
         ws_max_size=2 * settings.max_ws_message_bytes,
+        # forwarded headers only from the configured proxies: none at all by default (uvicorn's own default,
+        # or $FORWARDED_ALLOW_IPS, would believe any loopback client, letting it pick its rate-limit address)
+        proxy_headers=bool(proxies),
+        forwarded_allow_ips=",".join(proxies) if proxies else "",
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start uvicorn with the app built from the settings."""
+    import uvicorn
+
+    from fluidsrv.logs import install_redaction
+
+    settings = Settings.from_env(host=args.host, port=args.port, device=args.device, generator=args.generator)
+    config = build_config(settings)
     install_redaction()  # uvicorn.Config has configured its loggers: the filter goes on their handlers now
     uvicorn.Server(config).run()
     return 0

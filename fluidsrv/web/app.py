@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
@@ -17,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp
 
 from fluidsrv import __version__
 from fluidsrv.errors import UserError
@@ -24,6 +27,7 @@ from fluidsrv.protocol import ApiError, parse_face_choice, parse_stage_switch
 from fluidsrv.service import EditService, Status
 from fluidsrv.settings import REPO_ROOT, Settings
 from fluidsrv.web import tools
+from fluidsrv.web.headers import SecurityHeaders
 from fluidsrv.web.requests import (
     ClientRateLimiter,
     json_body,
@@ -39,6 +43,41 @@ from fluidsrv.web.views import direction_view, session_view
 log = logging.getLogger(__name__)
 
 STATIC_DIR = REPO_ROOT / "static"
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~:/\\<>-])(?:/|[A-Za-z]:[\\/])[^\s'\"`;:,()<>\[\]{}]+")
+"""An absolute POSIX or Windows path in a sentence (not a URL's path, nor a relative one like ``a/b``)."""
+
+
+def path_labels(settings: Settings) -> list[tuple[re.Pattern[str], str]]:
+    """The server's own directories (as configured and resolved), longest first, each with its public name."""
+    roots = {"<cache>": settings.cache_dir, "<weights>": settings.weights_dir, "<data>": settings.data_dir}
+    found: dict[str, str] = {}
+    for label, root in roots.items():
+        for form in (root.expanduser(), root.expanduser().resolve()):
+            text = str(form).rstrip("/\\")
+            if form.is_absolute() and text and text not in found:
+                found[text] = label
+    ordered = sorted(found.items(), key=lambda item: -len(item[0]))
+    return [(re.compile(re.escape(text) + r"(?![\w-]|\.[\w.-])"), label) for text, label in ordered]
+
+
+def hide_paths(value: Any, labels: list[tuple[re.Pattern[str], str]]) -> Any:
+    """``value`` with each absolute path in its strings shown relative to its labelled root, else by file name."""
+    if isinstance(value, str):
+        for pattern, label in labels:
+            value = pattern.sub(label, value)
+        return _ABSOLUTE_PATH.sub(_file_name, value)
+    if isinstance(value, dict):
+        return {key: hide_paths(item, labels) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [hide_paths(item, labels) for item in value]
+    return value
+
+
+def _file_name(match: re.Match[str]) -> str:
+    path = match.group(0)
+    trailing = path[len(path.rstrip(".")):]  # a sentence's full stop is not part of the name
+    name = Path(path.rstrip(".").replace("\\", "/")).name
+    return (name or "…") + trailing
 
 
 async def health(request: Request) -> JSONResponse:
@@ -51,25 +90,24 @@ async def config(request: Request) -> JSONResponse:
     service = service_of(request)
     settings = service.settings
     text_reason = service.text_unavailable()
-    return JSONResponse(
-        {
-            "version": __version__,
-            "generator": service.generator_info(),
-            "plugins": [info.as_dict() for info in await service.plugins()],
-            "active": service.active_stages(),
-            "directions_unavailable": service.directions_unavailable(),
-            "features": {"sefa": True, "text": text_reason is None, "text_reason": text_reason, "tools": True},
-            "finetune": settings.finetune,
-            "photo_detail": settings.photo_detail,
-            "limits": {
-                "max_upload_bytes": settings.max_upload_bytes,
-                "max_pixels": settings.max_pixels,
-                "max_sessions": settings.max_sessions,
-                "max_ws_message_bytes": settings.max_ws_message_bytes,
-                "max_ws_messages_per_second": settings.max_ws_messages_per_second,
-            },
-        }
-    )
+    body = {
+        "version": __version__,
+        "generator": service.generator_info(),
+        "plugins": [info.as_dict() for info in await service.plugins()],
+        "active": service.active_stages(),
+        "directions_unavailable": service.directions_unavailable(),
+        "features": {"sefa": True, "text": text_reason is None, "text_reason": text_reason, "tools": True},
+        "finetune": settings.finetune,
+        "photo_detail": settings.photo_detail,
+        "limits": {
+            "max_upload_bytes": settings.max_upload_bytes,
+            "max_pixels": settings.max_pixels,
+            "max_sessions": settings.max_sessions,
+            "max_ws_message_bytes": settings.max_ws_message_bytes,
+            "max_ws_messages_per_second": settings.max_ws_messages_per_second,
+        },
+    }
+    return JSONResponse(hide_paths(body, request.app.state.path_labels))
 
 
 async def switch_stage(request: Request) -> JSONResponse:
@@ -81,14 +119,17 @@ async def switch_stage(request: Request) -> JSONResponse:
 
 
 async def stats(request: Request) -> JSONResponse:
-    """Report executor and session-store counters."""
-    return JSONResponse(service_of(request).stats())
+    """Report executor and session-store counters (needs the admin token)."""
+    service = service_of(request)
+    require_admin(service.settings.admin_token, request)
+    return JSONResponse(service.stats())
 
 
 async def directions(request: Request) -> JSONResponse:
     """List the edit directions (sliders) of the loaded generator."""
-    shared = service_of(request).directions()
-    return JSONResponse({"directions": [direction_view(direction) for direction in shared.values()]})
+    service = service_of(request)
+    body = {"directions": [direction_view(direction) for direction in service.directions().values()]}
+    return JSONResponse(hide_paths(body, request.app.state.path_labels))  # a file's provenance names its path
 
 
 async def create_session(request: Request) -> JSONResponse:
@@ -167,7 +208,8 @@ async def result(request: Request) -> Response:
 
 async def _user_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, UserError)
-    return JSONResponse(exc.as_dict(), status_code=exc.status)
+    # e.g. a plugin that cannot be switched to says which of the server's files it misses
+    return JSONResponse(hide_paths(exc.as_dict(), request.app.state.path_labels), status_code=exc.status)
 
 
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -176,6 +218,14 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
         {"error": {"code": "internal_error", "message": "the server failed on this request; see its log"}},
         status_code=500,
     )
+
+
+class _App(Starlette):
+    """Starlette with the security headers outside its whole stack, so the 500 handler's answers get them too."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        """The usual stack wrapped in :class:`~fluidsrv.web.headers.SecurityHeaders`."""
+        return SecurityHeaders(super().build_middleware_stack())
 
 
 def create_app(settings: Settings | None = None, runtime: Any = None) -> Starlette:
@@ -215,7 +265,8 @@ def create_app(settings: Settings | None = None, runtime: Any = None) -> Starlet
         UserError: _user_error,
         Exception: _internal_error,
     }
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
+    app = _App(routes=routes, lifespan=lifespan, exception_handlers=handlers)
     app.state.settings = settings
+    app.state.path_labels = path_labels(settings)
     app.state.uploads = ClientRateLimiter(settings.max_uploads_per_minute)
     return app
