@@ -99,6 +99,7 @@ class EditService(LatentTools):
         self._abandon_timers: dict[str, asyncio.TimerHandle] = {}  # jobs whose last client left, by session
         self._admission = AdmissionQueue(self.settings.max_concurrent_prepares)
         self._sockets: Counter[str] = Counter()  # open websockets per session
+        self._preview_origins: dict[str, str] = {}  # who sent each session's newest preview request
         self._decoding = PixelBudget(self.settings.decode_pixel_budget)
         self._client_pixels = ClientPixelBudget(self.settings.client_pixels_per_minute)
         self._background: set[asyncio.Task[Any]] = set()
@@ -277,6 +278,7 @@ class EditService(LatentTools):
             self._sockets[session.id] -= 1
             if self._sockets[session.id] <= 0:
                 del self._sockets[session.id]
+                self._preview_origins.pop(session.id, None)
                 self.executor.cancel_previews(session.id)
 
         return release
@@ -408,11 +410,13 @@ class EditService(LatentTools):
         with contextlib.suppress(SessionError, RuntimeError):  # deleted meanwhile, or the server is shutting down
             self.store.update(session)
 
-    async def preview(self, session: Session, values: dict[str, float]) -> bytes | None:
-        """Render the preview of ``values`` as PREVIEW_FORMAT bytes; None when a newer one replaced it.
+    async def preview(self, session: Session, values: dict[str, float], *, origin: str = "") -> bytes | None:
+        """Render the preview of ``values`` as PREVIEW_FORMAT bytes; None when a newer one of ``origin`` replaced it.
 
-        A session has one preview slot: a newer state (from any of its sockets) replaces a queued one. Only the
-        render runs on the device worker; laying it over the photo's crop and encoding run on a thread.
+        A session has one preview slot: a newer state (from any of its sockets) replaces a queued one. When the
+        newer state came from another ``origin`` (another socket), this one is refused with a 409 ``superseded``
+        so that its client stops waiting for it. Only the render runs on the device worker; laying it over the
+        photo's crop and encoding run on a thread.
         """
         prepared = session.require_ready()
         runtime, session_id = self.runtime, session.id
@@ -423,8 +427,12 @@ class EditService(LatentTools):
             ws = pipeline.edited_ws(prepared.ws, directions, state, runtime.spread)
             return pipeline.render_preview(renderer, ws)
 
+        self._preview_origins[session_id] = origin
         frame = await self.executor.submit_preview(session_id, values, render)
         if frame is SUPERSEDED:
+            if self._preview_origins.get(session_id, origin) != origin:
+                raise UserError("a newer slider state from another connection of this session replaced this one",
+                                status=409, code="superseded")
             return None
         photo_detail = runtime.settings.photo_detail
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -50,6 +51,7 @@ class Connection:
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     waiting_frame: tuple[int, bytes] | None = None  # (arrival, frame) not sent yet
     sending: bool = False
+    origin: str = field(default_factory=lambda: uuid.uuid4().hex)  # tells this socket's previews from others'
 
     async def send_text(self, text: str) -> None:
         """Send a JSON event; a closed socket is ignored."""
@@ -211,7 +213,7 @@ def _request_preview(connection: Connection, seq: int, values: dict[str, float])
 
 async def _send_preview(connection: Connection, seq: int, arrival: int, values: dict[str, float]) -> None:
     try:
-        image = await connection.service.preview(connection.session, values)
+        image = await connection.service.preview(connection.session, values, origin=connection.origin)
     except asyncio.CancelledError:
         return
     except UserError as error:

@@ -25,6 +25,8 @@ const EXPLANATIONS = {
   finalize_failed: ["Finalizing failed.", "Try again; if it keeps failing, reset a slider or two and retry.", Action.RETRY],
   preview_failed: ["A preview could not be drawn.", "Move the slider again; if it keeps failing, reload the page.", Action.NONE],
   rate_limited: ["Too many slider updates at once.", "The preview catches up by itself; nothing to do.", Action.NONE],
+  too_many_sockets: ["This session is open in too many tabs.", "Close the other tabs of this photo, then reload this one.", Action.RETRY],
+  decode_budget: ["Too many large photos from this address in the last minute.", "Wait a little, then upload again.", Action.RETRY],
   network: ["The server could not be reached.", "Check that fluidsrv is still running and your connection works, then try again.", Action.RETRY],
   internal_error: ["The server failed on this request.", "Try again; the server's log says more.", Action.RETRY],
 };
@@ -44,7 +46,7 @@ export function explain(error) {
 /** Codes whose server message adds facts (a limit, a size, a reason) worth showing after the advice. */
 const DETAILED = new Set([
   "upload_too_large", "image_too_large", "unsupported_type", "corrupt_image", "bad_upload",
-  "prepare_failed", "finalize_failed", "preview_failed", "out_of_memory", "network", "internal_error",
+  "prepare_failed", "finalize_failed", "preview_failed", "out_of_memory", "network", "internal_error", "decode_budget",
 ]);
 
 function withDetail(advice, error) {

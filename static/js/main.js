@@ -276,7 +276,7 @@ function onSocketError(message) {
     showNotice(message);
   } else if (message.code === "preview_failed") {
     setEditorStatus(`A preview failed: ${message.message}`);
-  } else if (!["not_ready", "rate_limited", "unknown_session", "bad_token", "session_deleted"].includes(message.code)) {
+  } else if (!["not_ready", "rate_limited", "superseded", "unknown_session", "bad_token", "session_deleted"].includes(message.code)) {
     console.warn("server error event", message);
   }
 }

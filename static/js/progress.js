@@ -32,8 +32,12 @@ export class ProgressView {
     this.message.textContent = "Starting…";
   }
 
-  /** Show a progress event { stage, step, total, message }. */
-  update({ stage, step, total, message }) {
+  /** Show a progress event { stage, step, total, message, queued }. */
+  update({ stage, step, total, message, queued }) {
+    if (queued) {
+      this.message.textContent = `Waiting in line: ${queued === 1 ? "1 face is" : `${queued} faces are`} being prepared first…`;
+      return;
+    }
     const current = stepOf(stage ?? "");
     this.message.textContent = `${stage}: ${message || `step ${step} of ${total}`}`;
     if (!current) return;

@@ -127,4 +127,4 @@ export class SessionSocket extends EventTarget {
   }
 }
 
-const FINAL_ERROR_CODES = new Set(["unknown_session", "bad_token", "session_deleted", "session_error", "too_many_sessions"]);
+const FINAL_ERROR_CODES = new Set(["unknown_session", "bad_token", "session_deleted", "session_error", "too_many_sessions", "too_many_sockets"]);
