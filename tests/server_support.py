@@ -83,7 +83,7 @@ class LiveServer:
 
         import uvicorn
 
-        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", proxy_headers=False))
         self._thread = threading.Thread(target=self._server.run, name="uvicorn-test", daemon=True)
 
     def __enter__(self) -> str:

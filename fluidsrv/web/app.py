@@ -141,7 +141,7 @@ async def create_session(request: Request) -> JSONResponse:
         limit = service.settings.max_uploads_per_minute
         raise ApiError(429, "rate_limited", f"at most {limit} uploads a minute from one address; try again soon")
     data, filename = await read_upload(request, service.settings.max_upload_bytes)
-    session, token = await service.create(data, filename)
+    session, token = await service.create(data, filename, client=client)
     body = session_view(session, await service.face_thumbnails(session))
     body["token"] = token
     return JSONResponse(body, status_code=201)
