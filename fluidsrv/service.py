@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Callable, Coroutine
 from typing import Any, Literal
 
-from fluidsrv import latents, pipeline
+from fluidsrv import pipeline
 from fluidsrv.admission import AdmissionQueue
 from fluidsrv.convert import encode_preview
 from fluidsrv.decode_budget import ClientPixelBudget, PixelBudget, probe_pixels
@@ -43,14 +43,10 @@ from fluidsrv.executor import SUPERSEDED, ExecutorError, GpuExecutor, Priority
 from fluidsrv.image_io import decode_image, encode_image, face_thumbnail
 from fluidsrv.latent_tools import LatentTools
 from fluidsrv.plugins import PluginError, PluginInfo
-from fluidsrv.protocol import (
-    LayerSpec,
-    SefaRequest,
-    TextRequest,
-)
 from fluidsrv.runtime import Runtime
 from fluidsrv.session.model import JobProgress, Session, Status, Upload
 from fluidsrv.session.store import SessionError, SessionStore, StoreStats, TooManySessionsError
+from fluidsrv.session_directions import SessionDirections
 from fluidsrv.settings import Settings
 from fluidsrv.stages import Direction, Face, Progress
 
@@ -84,7 +80,7 @@ def _user_message(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
-class EditService(LatentTools):
+class EditService(SessionDirections, LatentTools):
     """The use cases of the product over one runtime, one session store and one device executor."""
 
     def __init__(self, runtime: Runtime, store: SessionStore, executor: GpuExecutor,
@@ -487,51 +483,6 @@ class EditService(LatentTools):
             await asyncio.to_thread(self.store.persist, session)
             self._publish(session.id, FinalizedEvent(session.id))
             return result
-
-    # ---- on-demand directions ------------------------------------------------------------------------------
-
-    def layer_range(self, spec: LayerSpec) -> tuple[int, int]:
-        """Resolve a layer range as sent (preset or [start, stop)) against the generator's num_ws."""
-        num_ws = self.runtime.generator.num_ws
-        if isinstance(spec, str):
-            try:
-                return latents.parse_layers(spec, num_ws)
-            except ValueError as error:
-                raise UserError(str(error), status=422, code="bad_layers") from None
-        start, stop = spec
-        if not 0 <= start < stop <= num_ws:
-            raise UserError(f'"layers" must be [start, stop] with 0 <= start < stop <= {num_ws}, or a preset',
-                            status=422, code="bad_layers")
-        return start, stop
-
-    async def add_sefa_directions(self, session: Session, request: SefaRequest) -> list[Direction]:
-        """Compute the top-k SeFa directions of a layer range and add them as sliders of this session."""
-        layers = self.layer_range(request.layers)
-        found = await self.executor.run(lambda: self.runtime.sefa_directions(layers, request.k),
-                                        priority=Priority.FINALIZE, owner=session.id)
-        return await self._add_directions(session, found)
-
-    def require_text_prompts(self) -> None:
-        """Raise a 404 UserError unless text-prompt directions can be made here."""
-        reason = self.runtime.text_unavailable()
-        if reason is not None:
-            raise UserError(f"text prompts need the CLIP plugin: {reason}", status=404, code="feature_unavailable")
-
-    async def add_text_direction(self, session: Session, request: TextRequest) -> list[Direction]:
-        """Find the direction of a text prompt (CLIP) and add it as a slider of this session."""
-        self.require_text_prompts()
-        layers = None if request.layers is None else self.layer_range(request.layers)
-        try:
-            found = await self.executor.run(lambda: self.runtime.text_direction(request.prompt, layers),
-                                            priority=Priority.FINALIZE, owner=session.id)
-        except PluginError as error:
-            raise UserError(str(error), status=422, code="plugin_unavailable") from None
-        return await self._add_directions(session, [found])
-
-    async def _add_directions(self, session: Session, found: list[Direction]) -> list[Direction]:
-        session.edit.add_directions(found)
-        await self.save_edit(session)
-        return found
 
     # ---- server facts and administration -------------------------------------------------------------------
 
