@@ -105,6 +105,10 @@ async def config(request: Request) -> JSONResponse:
             "max_sessions": settings.max_sessions,
             "max_ws_message_bytes": settings.max_ws_message_bytes,
             "max_ws_messages_per_second": settings.max_ws_messages_per_second,
+            "max_sockets_per_session": settings.max_sockets_per_session,
+            "max_concurrent_prepares": settings.max_concurrent_prepares,
+            "prepare_grace_seconds": settings.prepare_grace_seconds,
+            "client_pixels_per_minute": settings.client_pixels_per_minute,
         },
     }
     return JSONResponse(hide_paths(body, request.app.state.path_labels))
