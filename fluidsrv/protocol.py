@@ -20,17 +20,20 @@ Websocket ``/api/sessions/{id}/ws?token=...``:
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 from fluidsrv.errors import UserError
 
 MAX_SEQ = 2**31 - 1
 MAX_SLIDERS = 256
 MAX_SLIDER_NAME = 128
+MAX_NAME_CHARS = 64
 SLIDER_LIMIT = 100.0
 FRAME_MAGIC = b"FS"
 FRAME_KINDS = {"preview": 1, "progress": 2}
@@ -48,6 +51,122 @@ class ApiError(UserError):
 def bad_request(message: str, code: str = "bad_request") -> ApiError:
     """Return a 422 error for a malformed request."""
     return ApiError(422, code, message)
+
+
+# ---- reading untrusted JSON ------------------------------------------------------------------------------------
+
+MAX_JSON_DEPTH = 32
+"""Arrays and objects nested deeper than this are refused before parsing (the parser recurses per level)."""
+MAX_INT_DIGITS = 30
+MAX_FLOAT_CHARS = 64
+MAX_ECHO_CHARS = 40
+"""How much of a client's value an error message repeats."""
+
+# a JSON string, escapes included; possessive and never failing once it starts (an unterminated string runs to
+# the end), so removing the strings is one linear pass
+_STRINGS = re.compile(r'"(?:[^"\\]|\\[\s\S]?)*+"?')
+_NOT_BRACKETS = re.compile(r"[^\[\]{}]+")
+_MAYBE_SURROGATE = re.compile(r"[\ud800-\udfff]|\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def json_depth(text: str) -> int:
+    """Return the deepest nesting of arrays and objects in JSON text, ignoring strings (linear time)."""
+    brackets = _NOT_BRACKETS.sub("", _STRINGS.sub("", text))
+    return max(itertools.accumulate(1 if char in "[{" else -1 for char in brackets), default=0)
+
+
+def parse_json(raw: str | bytes, code: str = "bad_json") -> Any:
+    """Parse untrusted JSON, raising only ApiError (422): ``code`` for bad syntax, else a code saying why.
+
+    Refused: nesting deeper than MAX_JSON_DEPTH (``too_deep``), integers of more than MAX_INT_DIGITS digits,
+    float literals of more than MAX_FLOAT_CHARS characters, floats that overflow and NaN/Infinity
+    (``bad_number``), lone surrogates (``bad_string``), repeated keys in an object (``duplicate_key``).
+    """
+    text = _json_text(raw, code)
+    if json_depth(text) > MAX_JSON_DEPTH:
+        raise bad_request(f"JSON may nest arrays and objects at most {MAX_JSON_DEPTH} deep", "too_deep")
+    try:
+        data = json.loads(text, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_refuse_constant,
+                          object_pairs_hook=_unique_keys)
+    except RecursionError:  # unreachable after json_depth; kept so that no input can escape as a 500
+        raise bad_request("JSON nests too deep", "too_deep") from None
+    except ValueError as error:
+        raise bad_request(f"not valid JSON: {error}", code) from None
+    if _MAYBE_SURROGATE.search(text):
+        refuse_lone_surrogates(data)
+    return data
+
+
+def _json_text(raw: str | bytes, code: str) -> str:
+    if isinstance(raw, str):
+        return raw
+    try:
+        return raw.decode(json.detect_encoding(raw))
+    except (UnicodeDecodeError, LookupError):
+        raise bad_request("JSON must be UTF-8 text", code) from None
+
+
+def _parse_int(literal: str) -> int:
+    if len(literal.lstrip("-")) > MAX_INT_DIGITS:
+        raise bad_request(f"integers may have at most {MAX_INT_DIGITS} digits", "bad_number")
+    return int(literal)
+
+
+def _parse_float(literal: str) -> float:
+    value = float(literal) if len(literal) <= MAX_FLOAT_CHARS else math.nan
+    if not math.isfinite(value):
+        raise bad_request(f"numbers must be finite and at most {MAX_FLOAT_CHARS} characters long", "bad_number")
+    return value
+
+
+def _refuse_constant(name: str) -> NoReturn:
+    raise bad_request(f"{name} is not a JSON number", "bad_number")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        raise bad_request("an object names the same key twice", "duplicate_key")
+    return data
+
+
+def refuse_lone_surrogates(data: Any) -> None:
+    """Raise ApiError (``bad_string``) if any string in parsed JSON holds a lone UTF-16 surrogate."""
+    pending = [data]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str) and _SURROGATE.search(item):
+            raise bad_request("strings must be valid Unicode (no lone surrogates)", "bad_string")
+        if isinstance(item, dict):
+            pending.extend(item)
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+
+
+def echo(value: Any) -> str:
+    """Return a short printable form of a client's value for an error message."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**MAX_ECHO_CHARS:
+        return "a very large integer"
+    text = repr(value) if isinstance(value, str | int | float | bool) or value is None else f"a {type(value).__name__}"
+    return text if len(text) <= MAX_ECHO_CHARS else text[: MAX_ECHO_CHARS - 1] + "…"
+
+
+def _text(raw: Any, max_chars: int) -> str | None:
+    """Return ``raw`` if it is a string of at most ``max_chars`` characters without lone surrogates, else None."""
+    if isinstance(raw, str) and len(raw) <= max_chars and not _SURROGATE.search(raw):
+        return raw
+    return None
+
+
+def _number(raw: Any, limit: float) -> float | None:
+    """Return ``raw`` as a float if it is an int or finite float within ±``limit`` (a finite bound), else None."""
+    if isinstance(raw, bool) or not isinstance(raw, int | float):
+        return None
+    if isinstance(raw, float) and not math.isfinite(raw):
+        return None
+    return float(raw) if abs(raw) <= limit else None
 
 
 @dataclass(frozen=True)
@@ -77,26 +196,30 @@ ClientMessage = SliderMessage | HistoryMessage | PingMessage
 
 def parse_client_message(text: str | bytes, max_bytes: int) -> ClientMessage:
     """Parse one websocket message from a client or raise ApiError describing what is wrong."""
-    if len(text) > max_bytes:
+    if _byte_size(text, max_bytes) > max_bytes:
         raise ApiError(413, "message_too_large", f"websocket messages are limited to {max_bytes} bytes")
-    try:
-        data = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise bad_request(f"message is not valid JSON: {error}", "malformed_message") from None
+    data = parse_json(text, "malformed_message")
     if not isinstance(data, dict):
         raise bad_request("message must be a JSON object", "malformed_message")
     kind = data.get("type", "sliders")
     if kind == "ping":
         return PingMessage()
-    if kind in ("undo", "redo"):
+    if kind == "undo" or kind == "redo":
         return HistoryMessage(seq=_parse_seq(data.get("seq")), action="undo" if kind == "undo" else "redo")
     if kind != "sliders":
-        raise bad_request(f"unknown message type {kind!r}", "malformed_message")
+        raise bad_request(f"unknown message type {echo(kind)}", "malformed_message")
     return SliderMessage(
         seq=_parse_seq(data.get("seq")),
         values=parse_slider_values(data.get("values")),
         commit=_parse_bool(data.get("commit", False), "commit"),
     )
+
+
+def _byte_size(text: str | bytes, max_bytes: int) -> int:
+    """Return the UTF-8 size of ``text`` (or more than ``max_bytes`` without encoding a string that long)."""
+    if isinstance(text, bytes) or len(text) > max_bytes:
+        return len(text)
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 def parse_slider_values(raw: Any) -> dict[str, float]:
@@ -107,13 +230,12 @@ def parse_slider_values(raw: Any) -> dict[str, float]:
         raise bad_request(f"at most {MAX_SLIDERS} sliders per message", "malformed_message")
     values: dict[str, float] = {}
     for name, value in raw.items():
-        if not isinstance(name, str) or not 0 < len(name) <= MAX_SLIDER_NAME:
-            raise bad_request("slider names must be non-empty strings of at most 128 characters", "bad_slider")
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise bad_request(f"slider {name!r} must be a number", "bad_slider")
-        number = float(value)
-        if not math.isfinite(number) or abs(number) > SLIDER_LIMIT:
-            raise bad_request(f"slider {name!r} must be a finite number within ±{SLIDER_LIMIT:g}", "bad_slider")
+        if not _text(name, MAX_SLIDER_NAME):
+            raise bad_request(f"slider names must be non-empty strings of at most {MAX_SLIDER_NAME} characters",
+                              "bad_slider")
+        number = _number(value, SLIDER_LIMIT)
+        if number is None:
+            raise bad_request(f"slider {echo(name)} must be a finite number within ±{SLIDER_LIMIT:g}", "bad_slider")
         values[name] = number
     return values
 
@@ -138,7 +260,7 @@ def parse_face_choice(data: Any, face_count: int) -> int:
     if isinstance(index, bool) or not isinstance(index, int):
         raise bad_request('"index" must be an integer')
     if not 0 <= index < face_count:
-        raise ApiError(422, "bad_face_index", f"face index {index} is out of range (found {face_count} faces)")
+        raise ApiError(422, "bad_face_index", f"face index {echo(index)} is out of range (found {face_count} faces)")
     return index
 
 
@@ -146,9 +268,9 @@ def parse_stage_switch(data: Any) -> tuple[str, str]:
     """Return (stage, plugin name) of a ``{"stage": ..., "name": ...}`` request body."""
     if not isinstance(data, dict):
         raise bad_request('body must be a JSON object like {"stage": "detector", "name": "dlib"}')
-    stage, name = data.get("stage"), data.get("name")
-    if not isinstance(stage, str) or not isinstance(name, str):
-        raise bad_request('"stage" and "name" must be strings')
+    stage, name = _text(data.get("stage"), MAX_NAME_CHARS), _text(data.get("name"), MAX_NAME_CHARS)
+    if stage is None or name is None:
+        raise bad_request(f'"stage" and "name" must be strings of at most {MAX_NAME_CHARS} characters')
     return stage, name
 
 
@@ -192,6 +314,7 @@ MAX_MORPH_FACES = 8
 MAX_VIDEO_FRAMES = 480
 VIDEO_TYPES = {"mp4": "video/mp4", "gif": "image/gif"}
 MAX_LAYER_INDEX = 10_000
+MAX_ID_CHARS = 256
 
 LayerSpec = str | tuple[int, int]
 """A ws layer range as sent: a preset name ("coarse", "middle", "fine") or [start, stop); the service resolves it
@@ -261,8 +384,9 @@ def _object(data: Any) -> dict[str, Any]:
 
 def parse_layer_spec(raw: Any) -> LayerSpec:
     """Parse ``[start, stop]`` or a preset name; the range is checked against num_ws by the service."""
-    if isinstance(raw, str) and len(raw) <= 32:
-        return raw
+    preset = _text(raw, MAX_NAME_CHARS)
+    if preset is not None:
+        return preset
     if (
         isinstance(raw, list)
         and len(raw) == 2
@@ -282,27 +406,26 @@ def _bounded_int(data: dict[str, Any], key: str, default: int, low: int, high: i
 
 
 def _bounded_float(data: dict[str, Any], key: str, default: float, low: float, high: float) -> float:
-    value = data.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise bad_request(f'"{key}" must be a number')
-    if not low <= float(value) <= high:
-        raise bad_request(f'"{key}" must be within [{low:g}, {high:g}]')
-    return float(value)
+    number = _number(data.get(key, default), max(abs(low), abs(high)))
+    if number is None or not low <= number <= high:
+        raise bad_request(f'"{key}" must be a number within [{low:g}, {high:g}]')
+    return number
 
 
 def _video_type(data: dict[str, Any]) -> str:
     kind = data.get("format", "mp4")
-    if kind not in VIDEO_TYPES:
+    if not isinstance(kind, str) or kind not in VIDEO_TYPES:
         raise bad_request(f'"format" must be one of {", ".join(VIDEO_TYPES)}')
-    return str(kind)
+    return kind
 
 
 def parse_face_ref(raw: Any) -> FaceRef:
     """Parse ``{"session_id": ..., "token": ...}``."""
-    keys = ("session_id", "token")
-    if not isinstance(raw, dict) or not all(isinstance(raw.get(key), str) for key in keys):
+    session_id = _text(raw.get("session_id"), MAX_ID_CHARS) if isinstance(raw, dict) else None
+    token = _text(raw.get("token"), MAX_ID_CHARS) if isinstance(raw, dict) else None
+    if session_id is None or token is None:
         raise bad_request('each face must be {"session_id": "...", "token": "..."}', "bad_face")
-    return FaceRef(raw["session_id"], raw["token"])
+    return FaceRef(session_id, token)
 
 
 def parse_sefa_request(data: Any) -> SefaRequest:
@@ -314,8 +437,8 @@ def parse_sefa_request(data: Any) -> SefaRequest:
 def parse_text_request(data: Any) -> TextRequest:
     """Parse the body of ``POST .../directions/text``."""
     body = _object(data)
-    prompt = body.get("prompt")
-    if not isinstance(prompt, str) or not 0 < len(prompt.strip()) <= MAX_PROMPT_CHARS:
+    prompt = _text(body.get("prompt"), 4 * MAX_PROMPT_CHARS)
+    if prompt is None or not 0 < len(prompt.strip()) <= MAX_PROMPT_CHARS:
         raise bad_request(f'"prompt" must be a non-empty string of at most {MAX_PROMPT_CHARS} characters')
     layers = body.get("layers")
     return TextRequest(prompt.strip(), None if layers is None else parse_layer_spec(layers))

@@ -3,24 +3,31 @@
 from __future__ import annotations
 
 import hmac
-import json
 from typing import Any
 
 from starlette.requests import Request
 from starlette.websockets import WebSocket
 
-from fluidsrv.protocol import ApiError
+from fluidsrv.protocol import ApiError, parse_json
 from fluidsrv.service import EditService, Session
 
 MAX_JSON_BYTES = 64 * 1024
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
 
 
+def bearer_token(request: Request | WebSocket) -> str | None:
+    """Return the token of an ``Authorization: Bearer ...`` header, or None without one."""
+    header = request.headers.get("authorization", "")
+    if header[:7].lower() == "bearer ":
+        return header[7:].strip()
+    return None
+
+
 def token_of(request: Request | WebSocket) -> str:
     """Return the session token of a request: ``Authorization: Bearer``, ``X-Session-Token`` or ``?token=``."""
-    header = request.headers.get("authorization", "")
-    if header.lower().startswith("bearer "):
-        return header[7:].strip()
+    bearer = bearer_token(request)
+    if bearer is not None:
+        return bearer
     return request.headers.get("x-session-token") or request.query_params.get("token", "")
 
 
@@ -36,12 +43,8 @@ async def open_session(request: Request) -> Session:
 
 
 async def json_body(request: Request) -> Any:
-    """Return the parsed JSON body (at most MAX_JSON_BYTES), or raise a 413 / 422 ApiError."""
-    data = await read_limited(request, MAX_JSON_BYTES)
-    try:
-        return json.loads(data)
-    except ValueError:
-        raise ApiError(422, "bad_json", "the request body must be JSON") from None
+    """Return the parsed JSON body (at most MAX_JSON_BYTES, bounded as :func:`parse_json` says), or a 413 / 422."""
+    return parse_json(await read_limited(request, MAX_JSON_BYTES), "bad_json")
 
 
 async def read_limited(request: Request, limit: int) -> bytes:
@@ -92,10 +95,11 @@ async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, str | No
 
 
 def require_admin(admin_token: str | None, request: Request) -> None:
-    """Refuse unless the request carries the configured admin token (server-wide changes need it)."""
+    """Refuse unless ``Authorization: Bearer`` carries the admin token; never read from the URL or X-Session-Token."""
     if not admin_token:
         raise ApiError(403, "admin_disabled", "set FLUIDSRV_ADMIN_TOKEN to allow switching plugins at run time")
-    if not hmac.compare_digest(token_of(request).encode(), admin_token.encode()):
+    given = bearer_token(request) or ""
+    if not hmac.compare_digest(given.encode("utf-8", "surrogatepass"), admin_token.encode("utf-8", "surrogatepass")):
         raise ApiError(401, "bad_admin_token", "this needs the server's admin token (Authorization: Bearer ...)")
 
 
