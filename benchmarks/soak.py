@@ -12,9 +12,10 @@ its own data folder, an admin token for ``/api/stats``), then:
    time from the pick to ``ready`` is the solo prepare time.
 3. **Crowd**: ``--users`` users, started evenly over the ramp (``--ramp`` seconds, at most 20 % of the run), each
    looping until the run's end: upload a random photo → open the websocket → pick face 0 → wait for ``ready``
-   (the prepare wait; ``progress`` events may say ``queued: N``) → drag sliders for 20–60 s at ``--rate``
-   states/s (real slider names of ``GET /api/directions``, one gesture of ~2 s per slider ending in a committed
-   "release", now and then an undo / redo) → in about 1 of 3 cycles finalize and download the result → in about
+   (the prepare wait; ``progress`` events may say ``queued: N``) → edit for ``--edit-seconds`` (90–240 s): drag
+   sliders at ``--rate`` states/s (real slider names of ``GET /api/directions``, one gesture of ~2 s per slider
+   ending in a committed "release", now and then an undo / redo), and after 2 of 3 releases look at the result
+   for 1–6 s before the next gesture → in about 1 of 3 cycles finalize and download the result → in about
    1 of 4 reconnect the websocket mid-drag (a tab reload) → ``DELETE`` the session (1 in 10 is left behind, an
    abandoned tab) → a short pause → next cycle. After the end, users finish what they are doing (``--drain``
    seconds at most; prepare waits still running then count with their time so far).
@@ -70,8 +71,10 @@ MAX_PREPARE_RATIO = 2.0
 MAX_PREVIEW_GAP_S = 2.0
 
 # what a simulated user does
-DRAG_SECONDS = (20.0, 60.0)
+EDIT_SECONDS = (90.0, 240.0)  # time spent editing one photo (gestures and the pauses between them)
 GESTURE_SECONDS = (1.5, 2.5)  # one slider dragged, then released (a committed state)
+THINK_SECONDS = (1.0, 6.0)  # after a release, looking at the result before the next gesture
+THINK_SHARE = 2 / 3  # releases followed by such a pause
 PAUSE_SECONDS = (1.0, 5.0)  # between cycles: choosing the next photo
 FINALIZE_SHARE = 1 / 3
 RECONNECT_SHARE = 1 / 4
@@ -127,6 +130,7 @@ class Recorder:
     prepare_waits: list[float] = field(default_factory=list)
     prepare_censored: list[float] = field(default_factory=list)  # still waiting at the hard stop: time so far
     queue_places: list[int] = field(default_factory=list)  # the largest ``queued`` each prepare heard
+    prepare_runs: list[float] = field(default_factory=list)  # from its first running step (out of line) to ready
     session_gaps: list[float] = field(default_factory=list)  # per session: longest preview gap while sending
     samples: list[dict[str, Any]] = field(default_factory=list)  # RSS and /api/stats over time
 
@@ -296,6 +300,7 @@ class Socket:
         self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.closing = False
         self.max_queued = 0
+        self.running_since: float | None = None  # the first progress of the prepare that is not "queued"
         self.reader = asyncio.create_task(self._read())
 
     @classmethod
@@ -365,6 +370,8 @@ class Socket:
             self.recorder.error(f"ws_error:{data.get('code')}", str(data.get("message")))
         elif kind == "progress":
             self.max_queued = max(self.max_queued, int(data.get("queued") or 0))
+            if not data.get("queued") and self.running_since is None:
+                self.running_since = time.perf_counter()
             return
         elif kind == "saved":
             self.recorder.counts["saved"] += 1
@@ -465,6 +472,7 @@ class Run:
     sliders: list[Slider]
     recorder: Recorder
     rate: float
+    edit_seconds: tuple[float, float] = EDIT_SECONDS
     deadline: float = math.inf
 
     @property
@@ -506,7 +514,7 @@ class User:
         try:
             socket = await self.open(sid, token, track)
             await self.prepare(socket, sid, token)
-            seconds = min(self.random.uniform(*DRAG_SECONDS), self.run.deadline - time.perf_counter())
+            seconds = min(self.random.uniform(*self.run.edit_seconds), self.run.deadline - time.perf_counter())
             reconnect_at = self.random.uniform(0.25, 0.75) * seconds if self.random.random() < RECONNECT_SHARE else None
             socket = await self.drag(socket, sid, token, track, seconds, reconnect_at)
             if self.random.random() < FINALIZE_SHARE and time.perf_counter() < self.run.deadline:
@@ -533,15 +541,18 @@ class User:
         """Pick face 0 and wait for ``ready``; record and return the wait."""
         began = time.perf_counter()
         self.waiting_since = began
+        socket.running_since = None
         try:
             await self.api.call("pick", "POST", f"/api/sessions/{sid}/face", 202, json={"index": 0},
                                 headers=auth(token))  # fmt: skip
             await socket.wait_for("ready", PREPARE_TIMEOUT, "prepare")
         finally:
             self.waiting_since = None
-        wait = time.perf_counter() - began
+        ready = time.perf_counter()
+        wait = ready - began
         recorder = self.run.recorder
         recorder.prepare_waits.append(wait)
+        recorder.prepare_runs.append(ready - (socket.running_since or began))
         recorder.queue_places.append(socket.max_queued)
         recorder.counts["prepares"] += 1
         return wait
@@ -586,7 +597,6 @@ class User:
                 message = {"seq": seq, "values": dict(values), "commit": released}
                 if released:
                     self.run.recorder.counts["commits"] += 1
-                    gesture = self.gesture(values, now)
                     if self.random.random() < UNDO_SHARE:
                         history = "undo"
             track.sent[seq] = time.perf_counter()
@@ -594,9 +604,27 @@ class User:
             await socket.send(message)
             self.run.recorder.counts["states_sent"] += 1
             ticks += 1
+            if "values" in message and message["commit"]:
+                if history is None and self.random.random() < THINK_SHARE:
+                    await self.think(track)  # looking at the result: nothing is sent, the gap clock stops
+                    ticks, tick_zero = 0, time.perf_counter()
+                gesture = self.gesture(values, time.perf_counter())
             await asyncio.sleep(max(0.0, tick_zero + ticks / self.run.rate - time.perf_counter()))
         track.pause(time.perf_counter())
         return socket
+
+    async def think(self, track: Track) -> None:
+        """Pause after a release, as a person looks at the edit; the last state's frame still counts."""
+        began = time.perf_counter()
+        seconds = self.random.uniform(*THINK_SECONDS)
+        while track.sent and time.perf_counter() - began < seconds:  # the released state's frame is still due
+            await asyncio.sleep(0.02)
+        if track.sent:
+            track.pause(time.perf_counter())  # still waiting for a frame: that wait counts
+        else:
+            track.reference = None  # answered: the clock stops at the last frame
+        self.run.recorder.counts["thinks"] += 1
+        await asyncio.sleep(max(0.0, began + seconds - time.perf_counter()))
 
     async def reconnect(self, socket: Socket, sid: str, token: str, track: Track,
                         now: float) -> tuple[Socket, dict[str, float]]:  # fmt: skip
@@ -761,10 +789,11 @@ def build_report(args: argparse.Namespace, recorder: Recorder, solo_times: list[
     solo_s = statistics.median(solo_times) if solo_times else None
     waits = recorder.prepare_waits + recorder.prepare_censored
     wait_p95 = percentile(waits, 0.95)
+    run_p95 = percentile(recorder.prepare_runs, 0.95)
     gaps = recorder.session_gaps
     rss = rss_summary(recorder.samples, timing["duration_s"])
     error_total = sum(recorder.errors.values())
-    mean_cycle = (solo_s or 0.0) + statistics.mean(DRAG_SECONDS) + statistics.mean(PAUSE_SECONDS)
+    mean_cycle = (solo_s or 0.0) + statistics.mean(args.edit_seconds) + statistics.mean(PAUSE_SECONDS)
     ratio = wait_p95 / solo_s if wait_p95 is not None and solo_s else None
     verdicts = {
         "errors": {"pass": error_total <= MAX_ERRORS, "value": error_total, "bound": MAX_ERRORS},
@@ -791,6 +820,8 @@ def build_report(args: argparse.Namespace, recorder: Recorder, solo_times: list[
                            "p50": rounded(percentile(waits, 0.5)), "p95": rounded(wait_p95),
                            "max": rounded(max(waits) if waits else None), "p95_over_solo": rounded(ratio),
                            "max_queue_place": max(recorder.queue_places, default=0)},
+        "prepare_run_s": {"p50": rounded(percentile(recorder.prepare_runs, 0.5)), "p95": rounded(run_p95),
+                          "p95_over_solo": rounded(run_p95 / solo_s if run_p95 is not None and solo_s else None)},
         "preview_gap_s": {"sessions": len(gaps), "p50": rounded(percentile(gaps, 0.5)),
                           "p95": rounded(percentile(gaps, 0.95)), "max": rounded(max(gaps) if gaps else None),
                           "sessions_over_bound": sum(gap > MAX_PREVIEW_GAP_S for gap in gaps)},
@@ -824,6 +855,9 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"prepare wait: p50 {secs(wait['p50'])}, p95 {secs(wait['p95'])}, max {secs(wait['max'])} "
           f"({wait['n']} prepares, {wait['still_waiting_at_stop']} still waiting at the stop; "
           f"largest queue place heard {wait['max_queue_place']}); p95 / solo = {wait['p95_over_solo']}")
+    run = report["prepare_run_s"]
+    print(f"prepare run (out of line → ready, i.e. against the previews only): p50 {secs(run['p50'])}, "
+          f"p95 {secs(run['p95'])}; p95 / solo = {run['p95_over_solo']}")
     gap = report["preview_gap_s"]
     print(f"longest preview gap per session while sending: p50 {secs(gap['p50'])}, p95 {secs(gap['p95'])}, "
           f"max {secs(gap['max'])} over {gap['sessions']} sessions ({gap['sessions_over_bound']} over "
@@ -864,6 +898,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ramp", type=float, default=60.0,
                         help="users start over this many seconds (at most 20 %% of the run)")
     parser.add_argument("--rate", type=float, default=15.0, help="slider states per second while dragging")
+    parser.add_argument("--edit-seconds", type=float, nargs=2, default=list(EDIT_SECONDS), metavar=("LOW", "HIGH"),
+                        help="seconds a user edits one photo: gestures and pauses (default 90 240)")
     parser.add_argument("--drain", type=float, default=120.0, help="seconds users may finish after the end")
     parser.add_argument("--rss-interval", type=float, default=10.0, help="seconds between RSS samples")
     parser.add_argument("--seed", type=int, default=1)
@@ -893,13 +929,14 @@ async def soak(args: argparse.Namespace, url: str) -> dict[str, Any]:
     if not photos:
         raise SystemExit(f"no photo of {args.photos} has a face the server finds")
     print(f"server pid {pid}; {len(photos)} of {checked} photos usable; {len(sliders)} sliders", file=sys.stderr)
-    run = Run(url, photos, sliders, recorder, args.rate)
+    run = Run(url, photos, sliders, recorder, args.rate, (args.edit_seconds[0], args.edit_seconds[1]))
     solo_times = await solo(run, args.solo_runs)
     print(f"solo prepare times: {', '.join(f'{value:.2f} s' for value in solo_times)}", file=sys.stderr)
     solo_counts = Counter(recorder.counts)
     recorder.counts.clear()  # the counts are the crowd's; the solo runs are reported on their own
     recorder.prepare_waits.clear()
     recorder.queue_places.clear()
+    recorder.prepare_runs.clear()
     recorder.counts["solo_prepares"] = solo_counts["prepares"]
     print(f"crowd: {args.users} users for {args.minutes} min", file=sys.stderr)
     timing = await crowd(run, args, pid)
