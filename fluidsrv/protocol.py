@@ -12,8 +12,9 @@ Websocket ``/api/sessions/{id}/ws?token=...``:
 * server → client, binary: a frame = ``b"FS"`` + 1 byte kind (``1`` preview of the slider state with
   that ``seq``, ``2`` intermediate image of a running job) + 1 byte format (``1`` WebP, ``2`` JPEG) +
   4 bytes big-endian ``seq`` + the encoded image.
-* server → client, text JSON: ``{"type": "state", ...}`` on connect, ``{"type": "progress", ...}``,
-  ``{"type": "ready"}``, ``{"type": "sliders", "seq": ..., "values": ...}`` after undo/redo,
+* server → client, text JSON: ``{"type": "state", ...}`` on connect, ``{"type": "progress", ...}`` (with
+  ``"queued": N`` while a prepare waits in line), ``{"type": "ready"}``, ``{"type": "saved", "seq": ...}``
+  once a committed state is on disk, ``{"type": "sliders", "seq": ..., "values": ...}`` after undo/redo,
   ``{"type": "finalized", ...}``, ``{"type": "error", "code": ..., "message": ..., "seq": ...}``,
   ``{"type": "pong"}``.
 """
