@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
@@ -28,6 +26,7 @@ from fluidsrv.service import EditService, Status
 from fluidsrv.settings import REPO_ROOT, Settings
 from fluidsrv.web import tools
 from fluidsrv.web.headers import SecurityHeaders
+from fluidsrv.web.paths import hide_paths, path_labels
 from fluidsrv.web.requests import (
     ClientRateLimiter,
     json_body,
@@ -43,43 +42,6 @@ from fluidsrv.web.views import direction_view, session_view
 log = logging.getLogger(__name__)
 
 STATIC_DIR = REPO_ROOT / "static"
-_ABSOLUTE_PATH = re.compile(r"(?<![\w.~:/\\<>-])(?:/|[A-Za-z]:[\\/])[^\s'\"`;:,()<>\[\]{}]+")
-"""An absolute POSIX or Windows path in a sentence (not a URL's path, nor a relative one like ``a/b``)."""
-
-
-def path_labels(settings: Settings) -> list[tuple[re.Pattern[str], str]]:
-    """The server's own directories (as configured and resolved), longest first, each with its public name."""
-    roots = {"<cache>": settings.cache_dir, "<weights>": settings.weights_dir, "<data>": settings.data_dir}
-    found: dict[str, str] = {}
-    for label, root in roots.items():
-        for form in (root.expanduser(), root.expanduser().resolve()):
-            text = str(form).rstrip("/\\")
-            if form.is_absolute() and text and text not in found:
-                found[text] = label
-    ordered = sorted(found.items(), key=lambda item: -len(item[0]))
-    return [(re.compile(re.escape(text) + r"(?![\w-]|\.[\w.-])"), label) for text, label in ordered]
-
-
-def hide_paths(value: Any, labels: list[tuple[re.Pattern[str], str]]) -> Any:
-    """``value`` with each absolute path in its strings shown relative to its labelled root, else by file name."""
-    if isinstance(value, str):
-        for pattern, label in labels:
-            value = pattern.sub(label, value)
-        return _ABSOLUTE_PATH.sub(_file_name, value)
-    if isinstance(value, dict):
-        return {key: hide_paths(item, labels) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [hide_paths(item, labels) for item in value]
-    return value
-
-
-def _file_name(match: re.Match[str]) -> str:
-    path = match.group(0)
-    trailing = path[len(path.rstrip(".")):]  # a sentence's full stop is not part of the name
-    name = Path(path.rstrip(".").replace("\\", "/")).name
-    return (name or "…") + trailing
-
-
 async def health(request: Request) -> JSONResponse:
     """Report that the server is up."""
     return JSONResponse({"status": "ok", "version": __version__})

@@ -97,7 +97,8 @@ async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, str | No
 def require_admin(admin_token: str | None, request: Request) -> None:
     """Refuse unless ``Authorization: Bearer`` carries the admin token; never read from the URL or X-Session-Token."""
     if not admin_token:
-        raise ApiError(403, "admin_disabled", "set FLUIDSRV_ADMIN_TOKEN to allow switching plugins at run time")
+        raise ApiError(403, "admin_disabled",
+                       "set FLUIDSRV_ADMIN_TOKEN to enable the admin routes (plugin switching, /api/stats)")
     given = bearer_token(request) or ""
     if not hmac.compare_digest(given.encode("utf-8", "surrogatepass"), admin_token.encode("utf-8", "surrogatepass")):
         raise ApiError(401, "bad_admin_token", "this needs the server's admin token (Authorization: Bearer ...)")

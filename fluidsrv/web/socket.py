@@ -26,6 +26,7 @@ from fluidsrv.service import (
     SessionError,
     Status,
 )
+from fluidsrv.web.paths import hide_request_paths
 from fluidsrv.web.requests import TokenBucket, service_of, token_of
 from fluidsrv.web.views import progress_view, session_view
 
@@ -75,7 +76,7 @@ class Connection:
 
     async def send_error(self, code: str, message: str, **fields: int | None) -> None:
         """Send an error event (the socket stays open); ``seq=`` names the message it answers."""
-        await self.send_text(event("error", code=code, message=message, **fields))
+        await self.send_text(event("error", code=code, message=hide_request_paths(self.socket, message), **fields))
 
     async def offer_preview(self, arrival: int, frame: bytes) -> None:
         """Send a preview frame, or leave it as the one waiting frame while an earlier one is being sent."""

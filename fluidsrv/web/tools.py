@@ -20,6 +20,7 @@ from fluidsrv.protocol import (
     parse_sefa_request,
     parse_text_request,
 )
+from fluidsrv.web.paths import hide_request_paths
 from fluidsrv.web.requests import json_body, open_session, service_of
 from fluidsrv.web.views import direction_view
 
@@ -28,7 +29,8 @@ async def session_directions(request: Request) -> JSONResponse:
     """List a session's sliders: the shared directions and the ones it added."""
     session = await open_session(request)
     sliders = service_of(request).session_directions(session)
-    return JSONResponse({"directions": [direction_view(direction) for direction in sliders.values()]})
+    body = {"directions": [direction_view(direction) for direction in sliders.values()]}
+    return JSONResponse(hide_request_paths(request, body))  # a direction file's provenance names its path
 
 
 async def sefa_directions(request: Request) -> JSONResponse:
