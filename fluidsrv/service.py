@@ -3,7 +3,8 @@
 :class:`EditService` owns a session's life: creating it from an upload, preparing a face as a background
 job, previews, slider history, finalize, on-demand directions and the latent tools. It moves the status
 (:class:`~fluidsrv.session.model.Status`), persists sessions when a stage completes, keeps the table of
-running jobs, cancels a session's jobs when its last subscriber leaves and expires idle sessions. What happens is
+running jobs, cancels a session's job when its last subscriber has been gone for a grace period, and expires idle
+sessions; committed edits are written through to disk before they are acknowledged. What happens is
 published as :data:`Event` values to the subscribers of a session (the web's websockets, the CLI's progress
 bar). Device work goes through the one :class:`~fluidsrv.executor.GpuExecutor`; image composition and
 encoding run on threads off its worker, so they never delay another session's preview.
@@ -40,7 +41,7 @@ from fluidsrv.events import (
     Subscriptions,
 )
 from fluidsrv.executor import SUPERSEDED, ExecutorError, GpuExecutor, Priority
-from fluidsrv.image_io import decode_image, encode_image, face_thumbnail
+from fluidsrv.image_io import DecodedImage, decode_image, encode_image, face_thumbnail
 from fluidsrv.latent_tools import LatentTools
 from fluidsrv.plugins import PluginError, PluginInfo
 from fluidsrv.runtime import Runtime
@@ -145,9 +146,7 @@ class EditService(SessionDirections, LatentTools):
         When the last subscriber of a session leaves while a job of it runs (prepare, finalize), the job keeps
         running for ``prepare_grace_seconds`` (a reloaded tab joins it again); then it is cancelled.
         """
-        timer = self._abandon_timers.pop(session_id, None)
-        if timer is not None:
-            timer.cancel()
+        self._forget_abandon_timer(session_id)
         return self._subscriptions.subscribe(session_id, subscriber)
 
     def _on_last_subscriber_left(self, session_id: str) -> None:
@@ -157,11 +156,15 @@ class EditService(SessionDirections, LatentTools):
         if grace <= 0:
             self._cancel_if_abandoned(session_id)
             return
-        previous = self._abandon_timers.pop(session_id, None)
-        if previous is not None:
-            previous.cancel()
+        self._forget_abandon_timer(session_id)
         self._abandon_timers[session_id] = asyncio.get_running_loop().call_later(
             grace, self._cancel_if_abandoned, session_id)
+
+    def _forget_abandon_timer(self, session_id: str) -> None:
+        """Drop the session's grace timer (a client came back, the job ended, or the session is gone)."""
+        timer = self._abandon_timers.pop(session_id, None)
+        if timer is not None:
+            timer.cancel()
 
     def _cancel_if_abandoned(self, session_id: str) -> None:
         """Cancel the session's job if nobody has subscribed again since its last client left."""
@@ -211,11 +214,19 @@ class EditService(SessionDirections, LatentTools):
             if wait > 0:
                 raise UserError(f"this address has had too many pixels decoded this minute; try again in "
                                 f"{math.ceil(wait)} s", status=429, code="decode_budget")
+        detector = self.runtime.stage("detector")
+
+        def decode_and_detect() -> tuple[DecodedImage, tuple[Face, ...]]:
+            decoded = decode_image(data, max_pixels=settings.max_pixels, max_bytes=settings.max_upload_bytes)
+            return decoded, pipeline.detect_faces(detector, decoded.pixels)
+
         async with self._decoding.reserve(pixels):
-            decoded = await asyncio.to_thread(
-                decode_image, data, max_pixels=settings.max_pixels, max_bytes=settings.max_upload_bytes)
-            detector = self.runtime.stage("detector")
-            faces = await asyncio.to_thread(pipeline.detect_faces, detector, decoded.pixels)
+            work = asyncio.ensure_future(asyncio.to_thread(decode_and_detect))
+            try:
+                decoded, faces = await asyncio.shield(work)
+            except asyncio.CancelledError:  # the pixels stay reserved until the thread lets go of them
+                await asyncio.wait({work})
+                raise
         if not faces:
             raise UserError("no face was found in this photo; try a photo where a face is clearly visible",
                             status=422, code="no_face")
@@ -246,11 +257,6 @@ class EditService(SessionDirections, LatentTools):
             # the server stopped while this face was being prepared: the client must pick it again
             session.move_to(Status.INTERRUPTED)
         return session
-
-    def pin(self, session: Session) -> Callable[[], None]:
-        """Keep the session in memory while a client uses it; returns the release function."""
-        self.store.pin(session)
-        return functools.partial(self.store.unpin, session)
 
     def attach_socket(self, session: Session) -> Callable[[], None]:
         """Count a websocket of the session (at most ``max_sockets_per_session``) and pin the session.
@@ -285,6 +291,8 @@ class EditService(SessionDirections, LatentTools):
         job = self._jobs.pop(session.id, None)
         if job is not None:
             job.cancel()
+        self._forget_abandon_timer(session.id)
+        self._preview_origins.pop(session.id, None)
         self._publish(session.id, DeletedEvent(session.id))
         self.runtime.tuned.forget(session.id)
         await asyncio.to_thread(self.store.delete, session.id, token)
@@ -332,6 +340,7 @@ class EditService(SessionDirections, LatentTools):
         with self.store.pinned(session):
             try:
                 async with self._admission.admit(functools.partial(self._report_place, session)):
+                    self._leave_line(session)
                     stages = self.runtime.stages()
                     made = await self.executor.run_job(
                         lambda: pipeline.prepare(stages, upload.pixels, upload.faces, face_index, version=version),
@@ -346,6 +355,7 @@ class EditService(SessionDirections, LatentTools):
                 return
             finally:
                 self._jobs.pop(session.id, None)
+                self._forget_abandon_timer(session.id)
                 self._latest_progress.pop(session.id, None)
             self.runtime.tuned.put(session.id, version, made.generator, made.renderer)
             session.prepared = made.prepared
@@ -361,12 +371,20 @@ class EditService(SessionDirections, LatentTools):
             self._publish(session.id, ReadyEvent(session))
 
     def _report_place(self, session: Session, place: int) -> None:
-        """Tell the clients of a waiting prepare how many faces are prepared before theirs."""
-        ahead = "1 face is" if place == 1 else f"{place} faces are"
-        facts = JobProgress("queued", 0, 0, f"waiting in line: {ahead} being prepared first", queued=place)
+        """Tell the clients of a waiting prepare its place in line (1 = next) and how many faces go first."""
+        ahead = place - 1 + self._admission.running
+        faces = "1 face is" if ahead == 1 else f"{ahead} faces are"
+        facts = JobProgress("queued", 0, 0, f"waiting in line (place {place}): {faces} being prepared first",
+                            queued=place)
         session.progress = facts
         self._latest_progress[session.id] = ProgressEvent(session.id, facts)
         self._publish(session.id, ProgressEvent(session.id, facts))
+
+    def _leave_line(self, session: Session) -> None:
+        """The prepare got its place: a client that joins now must not be told it is still waiting."""
+        if session.progress is not None and session.progress.queued:
+            session.progress = None
+            self._latest_progress.pop(session.id, None)
 
     # ---- sliders and previews ------------------------------------------------------------------------------
 
@@ -399,7 +417,12 @@ class EditService(SessionDirections, LatentTools):
         Only the small edit record is written, without the store's lock, so this never waits behind another
         session's spill; the store's bookkeeping (last use, budgets) follows in the background.
         """
-        await asyncio.to_thread(self.store.record_edit, session)
+        snapshot = session.edit.snapshot()  # taken here, where the state changes: the write cannot tear it
+        try:
+            await asyncio.to_thread(self.store.record_edit, session.id, snapshot)
+        except RuntimeError:  # the store closed: the server is shutting down
+            raise UserError("the server is shutting down; this edit was not saved", status=503,
+                            code="shutting_down") from None
         self.spawn(asyncio.to_thread(self._update_quietly, session))
 
     def _update_quietly(self, session: Session) -> None:
@@ -477,6 +500,7 @@ class EditService(SessionDirections, LatentTools):
                                 code="finalize_failed") from None
             finally:
                 self._jobs.pop(session.id, None)
+                self._forget_abandon_timer(session.id)
                 self._latest_progress.pop(session.id, None)
             session.result = result
             session.progress = None
@@ -533,6 +557,7 @@ class EditService(SessionDirections, LatentTools):
             for session_id in expired:
                 self.executor.cancel_owner(session_id)
                 self.runtime.tuned.forget(session_id)
+                self._preview_origins.pop(session_id, None)
 
 
 def _free_memory(runtime: Runtime, store: SessionStore) -> int:

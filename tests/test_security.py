@@ -189,6 +189,8 @@ def test_forwarded_allow_ips_is_checked_and_passed_to_uvicorn(runtime: Runtime, 
     trusted = build_config(Settings(forwarded_allow_ips=" 10.0.0.0/8, 127.0.0.1 ,::1"), app=object())
     assert trusted.proxy_headers is True and trusted.forwarded_allow_ips == "10.0.0.0/8,127.0.0.1,::1"
     assert trusted_proxies(Settings(forwarded_allow_ips="10.0.0.1, *")) == ["*"]
+    # uvicorn parses networks strictly: a host address with a prefix is passed on as its network
+    assert trusted_proxies(Settings(forwarded_allow_ips="10.0.0.1/8,2001:db8::1/64")) == ["10.0.0.0/8", "2001:db8::/64"]
     with pytest.raises(SettingsError, match=r"FLUIDSRV_FORWARDED_ALLOW_IPS: 'proxy\.local'"):
         trusted_proxies(Settings(forwarded_allow_ips="10.0.0.1,proxy.local"))
 

@@ -109,6 +109,8 @@ def test_a_reload_during_prepare_resumes_the_same_job(client: TestClient, photo:
         if state["status"] != "ready":
             receive_until(socket, "ready")
     assert status_of(client, created) == "ready"
+    service = client.app.state.service  # type: ignore[attr-defined]
+    assert created["session_id"] not in service._abandon_timers  # no stale timer waits to cancel the next job
 
 
 def test_a_job_nobody_comes_back_for_is_cancelled_after_the_grace_period(
@@ -120,6 +122,22 @@ def test_a_job_nobody_comes_back_for_is_cancelled_after_the_grace_period(
             pick(client, created)
             receive_until(socket, "progress")
         assert wait_for_status(client, created, {"cancelled", "ready"}, timeout=60) == "cancelled"
+
+
+def test_a_job_that_ends_within_the_grace_period_leaves_no_timer_for_the_next(
+        tmp_path: Path, runtime: Runtime, photo: bytes) -> None:
+    with serve(tmp_path, runtime, prepare_grace_seconds=600) as client:
+        created = upload(client, photo)
+        with client.websocket_connect(socket_url(created)) as socket:
+            receive_until(socket, "state")
+            pick(client, created)
+            receive_until(socket, "progress")
+        wait_for_status(client, created, {"ready"})  # it ran on alone, well within the grace period
+        service = client.app.state.service  # type: ignore[attr-defined]
+        assert created["session_id"] not in service._abandon_timers
+        finalized = client.post(f"/api/sessions/{created['session_id']}/finalize",
+                                headers={"Authorization": f"Bearer {created['token']}"})
+        assert finalized.status_code == 200, finalized.text
 
 
 def test_a_session_refuses_sockets_beyond_its_cap(tmp_path: Path, runtime: Runtime, photo: bytes) -> None:
@@ -180,7 +198,7 @@ def test_committed_edits_are_on_disk_before_they_are_acknowledged(
             assert saved["seq"] == 1
             # what the store has on disk now is what a restarted server would read
             store = client.app.state.service.store  # type: ignore[attr-defined]
-            record = store._cache.get(f"session/{created['session_id']}/edit")
+            record = store._edits.get(f"session/{created['session_id']}/edit")
             edit = spill.decode_edit(record, device=torch.device("cpu"), history_limit=100)
             assert edit.sliders == edit.history.committed == {name: 2.0}
 

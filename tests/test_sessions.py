@@ -733,7 +733,7 @@ def test_a_recorded_edit_survives_a_store_that_never_closed(tmp_path: Path) -> N
     session.edit.set_sliders({"age": -1.0})
     assert session.edit.undo()
     session.edit.add_directions(make_directions(11)[:1])
-    store.record_edit(session)
+    store.record_edit(session.id, session.edit.snapshot())
     # the process dies here: no close(), no spill; a new store on the same directory is the restarted server
     restarted = SessionStore(tmp_path)
     got = restarted.get(session.id, token).edit
@@ -753,8 +753,8 @@ def test_an_older_edit_record_never_overwrites_a_newer_one(tmp_path: Path) -> No
     store.persist(session)
     session.edit.set_sliders({"age": 1.0})
     stale = dataclasses.replace(session.edit, sliders={"age": -9.0}, revision=session.edit.revision - 1)
-    store.record_edit(session)
-    store.record_edit(dataclasses.replace(session, edit=stale))
+    store.record_edit(session.id, session.edit.snapshot())
+    store.record_edit(session.id, stale)
     assert SessionStore(tmp_path).get(session.id, token).edit.sliders == {"age": 1.0}
     store.close()
 
@@ -763,13 +763,46 @@ def test_a_deleted_sessions_edit_record_is_gone_with_it(tmp_path: Path) -> None:
     store = SessionStore(tmp_path)
     session, token = filled_session(store, 5)
     store.persist(session)
-    store.record_edit(session)
+    store.record_edit(session.id, session.edit.snapshot())
     store.delete(session.id, token)
     with pytest.raises(UnknownSessionError):
-        store.record_edit(session)
+        store.record_edit(session.id, session.edit.snapshot())
     restarted = SessionStore(tmp_path)
     assert len(restarted) == 0
-    assert not [key for key in diskcache.Cache(str(tmp_path / "sessions")).iterkeys() if session.id in str(key)]
+    for folder in ("sessions", "edits"):
+        assert not [key for key in diskcache.Cache(str(tmp_path / folder)).iterkeys() if session.id in str(key)]
+
+
+def test_an_unreadable_edit_record_costs_only_the_edits_since_the_last_spill(tmp_path: Path) -> None:
+    store = SessionStore(tmp_path)
+    session, token = filled_session(store, 7)
+    store.persist(session)
+    spilled = dict(session.edit.sliders)
+    session.edit.set_sliders({"age": 4.0})
+    store.record_edit(session.id, session.edit.snapshot())
+    store._edits.set(f"session/{session.id}/edit", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}", retry=True)
+    restored = SessionStore(tmp_path).get(session.id, token)  # the session survives, with its spilled edit state
+    assert restored.edit.sliders == spilled
+    store.close()
+
+
+def test_a_newer_spill_wins_over_an_older_edit_record(tmp_path: Path) -> None:
+    store = SessionStore(tmp_path)
+    session, token = filled_session(store, 8)
+    session.edit.set_sliders({"age": 1.0})
+    store.record_edit(session.id, session.edit.snapshot())
+    session.edit.set_sliders({"age": 2.0})
+    store.persist(session)  # written later, with a newer revision than the record
+    assert SessionStore(tmp_path).get(session.id, token).edit.sliders == {"age": 2.0}
+    store.close()
+
+
+def test_recording_an_edit_after_close_is_refused(tmp_path: Path) -> None:
+    store = SessionStore(tmp_path)
+    session, _ = filled_session(store, 9)
+    store.close()
+    with pytest.raises(RuntimeError):
+        store.record_edit(session.id, session.edit.snapshot())
 
 
 def test_a_wrong_token_is_answered_exactly_like_an_unknown_session(tmp_path: Path) -> None:

@@ -25,22 +25,24 @@ def register(subparsers: Any) -> None:
 def trusted_proxies(settings: Settings) -> list[str]:
     """The addresses whose ``X-Forwarded-For`` / ``-Proto`` are believed (``*``: any), checked as IPs or CIDRs."""
     entries = [entry.strip() for entry in settings.forwarded_allow_ips.split(",") if entry.strip()]
+    if "*" in entries:
+        return ["*"]  # uvicorn trusts everyone only for a lone "*"
+    normalised = []
     for entry in entries:
-        if entry != "*" and not _is_address_or_network(entry):
+        address = _address_or_network(entry)
+        if address is None:
             raise SettingsError(
                 f"FLUIDSRV_FORWARDED_ALLOW_IPS: {entry!r} is not an IP address or network (e.g. 10.0.0.0/8)")
-    return ["*"] if "*" in entries else entries  # uvicorn trusts everyone only for a lone "*"
+        normalised.append(address)
+    return normalised
 
 
-def _is_address_or_network(entry: str) -> bool:
+def _address_or_network(entry: str) -> str | None:
+    """``entry`` as uvicorn parses it (a network in its strict form, e.g. 10.0.0.1/8 → 10.0.0.0/8), or None."""
     try:
-        if "/" in entry:
-            ipaddress.ip_network(entry, strict=False)
-        else:
-            ipaddress.ip_address(entry)
+        return str(ipaddress.ip_network(entry, strict=False)) if "/" in entry else str(ipaddress.ip_address(entry))
     except ValueError:
-        return False
-    return True
+        return None
 
 
 def build_config(settings: Settings, app: Any = None) -> uvicorn.Config:

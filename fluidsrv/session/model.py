@@ -62,7 +62,7 @@ class JobProgress:
     step: int
     total: int
     message: str = ""
-    queued: int = 0  # > 0 while the job waits in line: how many jobs are ahead of it
+    queued: int = 0  # > 0 while the job waits in line: its place in line (1 = next)
 
 
 @dataclass(frozen=True, eq=False)
@@ -206,6 +206,15 @@ class EditState:
         self.directions = directions
         self.version += 1
         self.revision += 1
+
+    def snapshot(self) -> EditState:
+        """A copy that later changes do not reach (take it on the thread that changes the state, then encode it)."""
+        history = self.history
+        return EditState(
+            sliders=dict(self.sliders),
+            history=SliderHistory(limit=history.limit, undo_stack=list(history.undo_stack),
+                                  redo_stack=list(history.redo_stack), committed=dict(history.committed)),
+            directions=dict(self.directions), version=self.version, revision=self.revision)
 
     def reset(self) -> None:
         """Forget the slider values and history (a new face was prepared); added directions stay."""

@@ -48,6 +48,7 @@ def header(meta_bytes: bytes) -> dict[str, Any]:
 
 def encode(session: Session) -> tuple[bytes, bytes, bytes]:
     """Serialize a session into (meta JSON, numpy safetensors, torch safetensors) bytes (format 2)."""
+    edit = session.edit.snapshot()  # one view of the edit state for the facts and the direction tensors
     upload = session.upload
     arrays: dict[str, np.ndarray] = {"upload": np.frombuffer(upload.data, dtype=np.uint8), "pixels": upload.pixels}
     for name in _METADATA_BYTES:
@@ -72,7 +73,6 @@ def encode(session: Session) -> tuple[bytes, bytes, bytes]:
         arrays.update(reconstruction=prepared.reconstruction, head_mask=prepared.head_mask,
                       preview_crop=prepared.preview_crop)
         prepared_json = {"face_index": prepared.face_index, "version": prepared.version, "alignment": alignment_json}
-    edit = session.edit
     meta = {
         "format": SPILL_FORMAT,
         "id": session.id,
@@ -92,7 +92,9 @@ def encode(session: Session) -> tuple[bytes, bytes, bytes]:
         "prepared": prepared_json,
         "edit": _edit_facts(edit),
     }
-    tensors = {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in session.tensors().items()}
+    named = session.prepared.tensors() if session.prepared is not None else {}
+    named.update(_direction_tensors(edit))
+    tensors = {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in named.items()}
     meta_bytes = json.dumps(meta, allow_nan=False).encode("utf-8")
     array_bytes = safetensors.numpy.save({key: np.ascontiguousarray(value) for key, value in arrays.items()})
     return meta_bytes, array_bytes, safetensors.torch.save(tensors)
@@ -136,9 +138,12 @@ def decode(meta_bytes: bytes, array_bytes: bytes, tensor_bytes: bytes, *, device
 
 
 def encode_edit(edit: EditState) -> bytes:
-    """Serialize the edit state alone (sliders, undo history, added directions): the small write-through record."""
-    tensors = {f"direction/{index}": direction.vector.detach().to("cpu", copy=True).contiguous()
-               for index, direction in enumerate(edit.directions.values())}
+    """Serialize the edit state alone (sliders, undo history, added directions): the small write-through record.
+
+    Give it a :meth:`EditState.snapshot` taken where the state changes, so a concurrent change cannot tear it.
+    """
+    tensors = {name: vector.detach().to("cpu", copy=True).contiguous()
+               for name, vector in _direction_tensors(edit).items()}
     facts = json.dumps(_edit_facts(edit), allow_nan=False)
     return safetensors.torch.save(tensors, metadata={"format": str(EDIT_FORMAT), "edit": facts})
 
@@ -165,6 +170,10 @@ def _record_metadata(record: bytes) -> dict[str, str]:
     if metadata.get("format") != str(EDIT_FORMAT) or "edit" not in metadata:
         raise SpillError("not an edit record")
     return dict(metadata)
+
+
+def _direction_tensors(edit: EditState) -> dict[str, torch.Tensor]:
+    return {f"direction/{index}": direction.vector for index, direction in enumerate(edit.directions.values())}
 
 
 def _edit_facts(edit: EditState) -> dict[str, Any]:

@@ -11,15 +11,17 @@
   directory finds every session written there (``close()`` writes all in-memory sessions, so a restarted
   server restores them);
 - edits are durable: :meth:`SessionStore.record_edit` writes a session's edit state (sliders, undo history,
-  added directions) through to disk as a small record, in its own SQLite transaction (WAL, synchronous=FULL),
-  before the caller acknowledges the edit; a server killed at any moment restores the last recorded edit;
+  added directions) through to disk as a small record in a database of its own (``data_dir/edits``: SQLite WAL,
+  synchronous=FULL, records stored inline, never as side files), so it never waits behind another session's
+  spill; the caller acknowledges the edit after it returns. A restored session takes the newer of its spilled
+  edit state and its record (by revision), so a server killed at any moment restores the last recorded edit;
 - sessions idle longer than the TTL are deleted with everything they wrote (``expire()``);
 - pinned sessions (``with store.pinned(session):`` while a job or a websocket uses one) are never
   evicted or expired, so the object a job mutates is never dropped underneath it.
 
-Threading: every store method takes one lock, so the event loop and the device worker may both
-call it. ``get`` may read from disk and copy tensors to the device; ``check`` never does, so async
-routes can reject bad requests cheaply and run ``get`` on a thread.
+Threading: every store method takes one lock (``record_edit`` only the edit records' own lock), so the event
+loop and the device worker may both call it. ``get`` may read from disk and copy tensors to the device; ``check``
+never does, so async routes can reject bad requests cheaply and run ``get`` on a thread.
 """
 
 from __future__ import annotations
@@ -178,8 +180,10 @@ class SessionStore:
         self._edit_lock = threading.Lock()  # edit records are written without the store lock, never behind a spill
         self._edit_revisions: dict[str, int] = {}  # newest edit revision on disk, per session
         self._cache = diskcache.Cache(
-            str(self.data_dir / "sessions"), disk=_BytesOnlyDisk, eviction_policy="none", size_limit=2**62,
-            sqlite_synchronous=2)  # FULL: a committed edit survives a power cut, not only a killed process
+            str(self.data_dir / "sessions"), disk=_BytesOnlyDisk, eviction_policy="none", size_limit=2**62)
+        self._edits = diskcache.Cache(  # FULL: a recorded edit survives a power cut, not only a killed process
+            str(self.data_dir / "edits"), disk=_BytesOnlyDisk, eviction_policy="none", size_limit=2**62,
+            sqlite_synchronous=2, disk_min_file_size=EDIT_RECORD_INLINE_BYTES)
         self._load_index()
         self.expire()
 
@@ -262,26 +266,22 @@ class SessionStore:
                 self.update(session)
             self._write(session)
 
-    def record_edit(self, session: Session) -> None:
-        """Write the session's edit state through to disk now (a small record); the newest revision wins.
+    def record_edit(self, session_id: str, edit: EditState) -> None:
+        """Write an edit state (a :meth:`EditState.snapshot`) through to disk now; the newest revision wins.
 
-        Takes no store lock, so it never waits behind another session's spill; raises UnknownSessionError when
-        the session no longer exists.
+        Takes no store lock and writes to its own database, so it never waits behind another session's spill;
+        raises UnknownSessionError when the session no longer exists, RuntimeError when the store is closed.
         """
-        if self._closed:
-            raise RuntimeError("the session store is closed")
-        record = spill.encode_edit(session.edit)
+        record = spill.encode_edit(edit)
         with self._edit_lock:
-            if session.id not in self._digests:
+            if self._closed:
+                raise RuntimeError("the session store is closed")
+            if session_id not in self._digests:
                 raise UnknownSessionError("this session no longer exists")
-            self._put_edit_locked(session.id, session.edit.revision, record)
-
-    def _put_edit_locked(self, session_id: str, revision: int, record: bytes) -> None:
-        """Store an edit record unless a newer revision is already on disk (caller holds _edit_lock)."""
-        if revision < self._edit_revisions.get(session_id, -1):
-            return
-        self._cache.set(_key(session_id, "edit"), record, retry=True)
-        self._edit_revisions[session_id] = revision
+            if edit.revision < self._edit_revisions.get(session_id, -1):
+                return  # a newer state is on disk already
+            self._edits.set(_key(session_id, "edit"), record, retry=True)
+            self._edit_revisions[session_id] = edit.revision
 
     def delete(self, session_id: str, token: str) -> None:
         """Delete a session and everything it wrote, memory and disk."""
@@ -300,7 +300,9 @@ class SessionStore:
                     self._write(session)
                 except SessionStateError:
                     logger.exception("session %s could not be written on close", session.id)
-            self._closed = True
+            with self._edit_lock:
+                self._closed = True
+                self._edits.close()
             self._cache.close()
 
     # ---- pinning, eviction, expiry -------------------------------------------------------------------
@@ -460,9 +462,7 @@ class SessionStore:
             if any(blob is None for blob in blobs):
                 raise ValueError("incomplete entry")
             session = spill.decode(*blobs, device=self.device, history_limit=self.history_limit)
-            record = self._cache.get(_key(session_id, "edit"))
-            if record is not None and spill.edit_revision(record) >= session.edit.revision:
-                session.edit = spill.decode_edit(record, device=self.device, history_limit=self.history_limit)
+            self._take_newer_edit(session)
         except Exception as error:
             logger.exception("session %s on disk is unreadable; deleting it", session_id)
             self._remove(session_id)
@@ -472,19 +472,27 @@ class SessionStore:
         self._counters["restores"] += 1
         return session
 
+    def _take_newer_edit(self, session: Session) -> None:
+        """Replace a restored session's edit state by its edit record when the record is newer."""
+        record = self._edits.get(_key(session.id, "edit"))
+        if record is None:
+            return
+        try:
+            if spill.edit_revision(record) >= session.edit.revision:
+                session.edit = spill.decode_edit(record, device=self.device, history_limit=self.history_limit)
+        except Exception:  # an unreadable record costs the edits since the last spill, never the session
+            logger.exception("the edit record of session %s is unreadable; keeping its spilled edit state", session.id)
+
     def _write(self, session: Session) -> None:
         """Write the session's three parts in one transaction (the meta part last, as the commit marker)."""
         try:
             meta, arrays, tensors = spill.encode(session)
         except Exception as error:
             raise SessionStateError(f"session {session.id} holds state that cannot be written: {error}") from error
-        edit = spill.encode_edit(session.edit)
         with self._cache.transact(retry=True):
             self._cache.set(_key(session.id, "arrays"), arrays, retry=True)
             self._cache.set(_key(session.id, "tensors"), tensors, retry=True)
             self._cache.set(_key(session.id, "meta"), meta, retry=True)
-        with self._edit_lock:
-            self._put_edit_locked(session.id, session.edit.revision, edit)
 
     def _remove(self, session_id: str) -> None:
         """Forget a session everywhere: memory, index, pins and every disk entry."""
@@ -495,9 +503,10 @@ class SessionStore:
             self._pins.pop(session_id, None)
         with self._edit_lock:
             self._edit_revisions.pop(session_id, None)
-            with self._cache.transact(retry=True):
-                for part in (*_PARTS, "edit"):
-                    self._cache.delete(_key(session_id, part), retry=True)
+            self._edits.delete(_key(session_id, "edit"), retry=True)
+        with self._cache.transact(retry=True):
+            for part in _PARTS:
+                self._cache.delete(_key(session_id, part), retry=True)
 
     def _load_index(self) -> None:
         """Find the sessions a previous store wrote; drop unreadable or partial entries."""
@@ -523,9 +532,15 @@ class SessionStore:
                 with self._cache.transact(retry=True):
                     for part in found:
                         self._cache.delete(f"session/{session_id}/{part}", retry=True)
+        for key in list(self._edits.iterkeys()):  # a record outlives its session only if a delete was cut short
+            owner = str(key).removeprefix("session/").partition("/")[0]
+            if isinstance(key, str) and key.startswith("session/") and owner not in self._digests:
+                self._edits.delete(key, retry=True)
 
 
 _PARTS = ("meta", "arrays", "tensors")
+EDIT_RECORD_INLINE_BYTES = 64 * 1024**2
+"""Edit records below this size live inside the SQLite file (fsync'd with it), never as separate files."""
 
 
 def _key(session_id: str, part: str) -> str:

@@ -146,8 +146,10 @@ async def session_socket(socket: WebSocket) -> None:
             await connection._forward(joined)
         await _receive_loop(connection)
     finally:
-        unsubscribe()
-        release()
+        try:
+            unsubscribe()
+        finally:
+            release()
 
 
 async def _receive_loop(connection: Connection) -> None:

@@ -6,10 +6,11 @@ import base64
 from typing import Any
 
 from fluidsrv.service import Direction, Face, Session
+from fluidsrv.web.paths import hide_paths
 
 
 def progress_view(stage: str, step: int, total: int, message: str, queued: int = 0) -> dict[str, Any]:
-    """The JSON form of a job's progress (``queued``: jobs ahead of it while it waits in line)."""
+    """The JSON form of a job's progress (``queued``: its place in line while it waits, 1 = next)."""
     view: dict[str, Any] = {"stage": stage, "step": step, "total": total, "message": message}
     if queued:
         view["queued"] = queued
@@ -42,7 +43,7 @@ def session_view(session: Session, thumbnails: list[bytes] | None = None) -> dic
     return {
         "session_id": session.id,
         "status": session.status.value,
-        "error": session.error,
+        "error": hide_paths(session.error, []),  # a failure's message may name a server file
         "progress": progress_view(progress.stage, progress.step, progress.total, progress.message, progress.queued)
         if progress is not None else None,
         "width": width,

@@ -35,7 +35,7 @@ export class ProgressView {
   /** Show a progress event { stage, step, total, message, queued }. */
   update({ stage, step, total, message, queued }) {
     if (queued) {
-      this.message.textContent = `Waiting in line: ${queued === 1 ? "1 face is" : `${queued} faces are`} being prepared first…`;
+      this.message.textContent = message || `Waiting in line (place ${queued})…`;
       return;
     }
     const current = stepOf(stage ?? "");
