@@ -15,23 +15,24 @@ Every piece of model work goes through one :class:`GpuExecutor`. Async code subm
 Order: at every turn boundary the worker first takes a cancelled job (to close it), else picks a
 *class*, then a job within it:
 
-- Two classes: *previews* (every job at ``Priority.PREVIEW``) and *long jobs* (every other
-  priority: finalize, encode, fine-tune; calls and step jobs alike). When only one class has
-  waiting jobs it gets the whole worker. When both wait, long jobs get ``long_job_share`` of the
-  worker's time and previews the rest, each turn timed with ``clock`` (``time.perf_counter``):
-  the executor keeps a *credit* for the long class; a contested turn of ``t`` seconds adds
-  ``long_job_share * t`` to it and, when it was a long job's turn, subtracts ``t``. A long job
-  runs when the credit is positive, a preview otherwise (previews win ties). The credit is clamped
-  to ``[-long_job_share, 1 - long_job_share] * fair_share_window``, so after one long turn (say a
-  5 s finalize) either class catches up alone for at most ``fair_share_window`` (1 s) of its own
-  work; turns run while only one class waits move the credit back to zero at that same rate, so
-  history older than about the window is forgotten and a class that sat idle cannot monopolise
-  the worker later.
-- Within the class: lower :class:`Priority` first (FINALIZE before ENCODE); within a priority, the
-  owner whose last turn at that priority started longest ago (owners never served, or forgotten,
-  first), then first-come. Owners therefore take turns: three owners' queued calls run
-  A, B, C, A, B, C, and two owners' step jobs alternate steps, while one owner's jobs of one
-  priority run in arrival order. The last turn of at most 4096 (priority, owner) pairs is kept.
+- Two classes: *interactive* jobs (``Priority.PREVIEW`` and ``Priority.FINALIZE``: what a person waits
+  on after a gesture or a click) and *long jobs* (``Priority.ENCODE`` / ``FINETUNE``: preparing a face;
+  calls and step jobs alike). When only one class has waiting jobs it gets the whole worker. When both
+  wait, long jobs get ``long_job_share`` of the worker's time and interactive jobs the rest, each turn
+  timed with ``clock`` (``time.perf_counter``): the executor keeps a *credit* for the long class; a
+  contested turn of ``t`` seconds adds ``long_job_share * t`` to it and, when it was a long job's turn,
+  subtracts ``t``. A long job runs when the credit is positive, an interactive one otherwise (they win
+  ties). The credit is clamped to ``[-long_job_share, 1 - long_job_share] * fair_share_window``, so after
+  one long turn either class catches up alone for at most ``fair_share_window`` (1 s) of its own work;
+  turns run while only one class waits move the credit back to zero at that same rate, so history older
+  than about the window is forgotten and a class that sat idle cannot monopolise the worker later.
+- Within the interactive class, owners take turns whatever the priority (the owner whose last interactive
+  turn started longest ago first; then PREVIEW before FINALIZE; then first-come), so one session's
+  finalize waits for at most one preview of each other session, and a session that finalizes back to
+  back gets one turn in N + 1 rather than half the worker. Within the long class: lower priority first,
+  then the owner served longest ago, then first-come. Either way three owners' queued calls run
+  A, B, C, A, B, C, two owners' step jobs alternate steps, and one owner's jobs run in arrival order.
+  The last turn of at most 4096 (class, owner) pairs is kept.
 
 Cancellation: ``cancel_owner(owner)`` (a client left) and cancelling the awaiting task both cancel
 the job's future; a running step job stops at its next step boundary and its generator is closed
@@ -58,7 +59,7 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
@@ -114,8 +115,8 @@ class ExecutorStats:
     previews_coalesced: int  # queued previews replaced by a newer one of the same owner
     oom_recoveries: int  # times on_out_of_memory ran before a retry
     busy_seconds: float  # wall time the worker spent running turns
-    preview_seconds: float = 0.0  # the part of busy_seconds spent on Priority.PREVIEW jobs
-    long_job_seconds: float = 0.0  # the part spent on every other priority (finalize, encode, fine-tune)
+    preview_seconds: float = 0.0  # the part of busy_seconds spent on interactive jobs (previews and finalize)
+    long_job_seconds: float = 0.0  # the part spent on long jobs (encode, fine-tune)
     max_wait_seconds: float = 0.0  # longest a queued job has been waiting for its next turn right now
     long_job_credit: float = 0.0  # the fair-share credit of long jobs (seconds; see the module docstring)
 
@@ -236,6 +237,11 @@ class _StepJobRunner(_Job):
                 logger.exception("closing a cancelled step job raised")
 
 
+def _is_long(job: _Job) -> bool:
+    """Whether a job is of the long class (encode, fine-tune: preparing a face) rather than interactive."""
+    return job.priority >= Priority.ENCODE
+
+
 def _call_on_loop(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
     """Run ``callback`` on ``loop``: right away when already on it, else thread-safely soon."""
     try:
@@ -281,7 +287,7 @@ class GpuExecutor:
         self._credit_bounds = (-long_job_share * fair_share_window, (1.0 - long_job_share) * fair_share_window)
         self._credit = 0.0  # long jobs' fair-share credit in seconds; see the module docstring
         self._turns = 0
-        self._last_served: dict[tuple[Priority, Owner | None], int] = {}  # ordered oldest turn first
+        self._last_served: dict[tuple[bool, Owner | None], int] = {}  # (long class?, owner); oldest turn first
         self._lock = threading.Condition()
         self._queue: list[_Job] = []  # small (about one preview per client plus a few jobs): a list and min()
         self._pending_previews: dict[Owner, _PreviewJob] = {}  # queued, not yet started
@@ -430,23 +436,21 @@ class GpuExecutor:
     def _pop_next_locked(self) -> tuple[_Job, bool]:
         """Take the next job (see "Order" in the module docstring); return it and whether both classes waited."""
         cancelled = [job for job in self._queue if job.cancelled]
-        previews = [job for job in self._queue if not job.cancelled and job.priority == Priority.PREVIEW]
-        long_jobs = [job for job in self._queue if not job.cancelled and job.priority != Priority.PREVIEW]
-        contested = bool(previews and long_jobs)
-        candidates: Sequence[_Job]
+        interactive = [job for job in self._queue if not job.cancelled and not _is_long(job)]
+        long_jobs = [job for job in self._queue if not job.cancelled and _is_long(job)]
+        contested = bool(interactive and long_jobs)
         if cancelled:
-            candidates = cancelled
-        elif contested:
-            candidates = long_jobs if self._credit > 0.0 else previews
-        else:
-            candidates = previews or long_jobs
-        job = min(candidates, key=lambda j: (int(j.priority), self._last_served.get((j.priority, j.owner), -1), j.seq))
+            job = min(cancelled, key=lambda j: j.seq)
+        elif long_jobs and (not interactive or self._credit > 0.0):
+            job = min(long_jobs, key=lambda j: (int(j.priority), self._last_served.get((True, j.owner), -1), j.seq))
+        else:  # owners take turns whatever the priority: a finalize is not starved by other sessions' previews
+            job = min(interactive, key=lambda j: (self._last_served.get((False, j.owner), -1), int(j.priority), j.seq))
         self._queue.remove(job)
         job.started = True
         self._forget_pending_preview_locked(job)
         if not job.cancelled:
             self._turns += 1
-            key = (job.priority, job.owner)
+            key = (_is_long(job), job.owner)
             self._last_served.pop(key, None)
             self._last_served[key] = self._turns  # re-inserted: the dict stays ordered oldest turn first
             if len(self._last_served) > _OWNER_MEMORY:
@@ -455,7 +459,7 @@ class GpuExecutor:
 
     def _account_locked(self, job: _Job, seconds: float, contested: bool) -> None:
         """Add one turn's time to its class and move the long jobs' fair-share credit."""
-        long_job = job.priority != Priority.PREVIEW
+        long_job = _is_long(job)
         self._busy_seconds += seconds
         if long_job:
             self._long_job_seconds += seconds
