@@ -72,7 +72,7 @@ class Settings:
     max_sockets_per_session: int = 4  # websockets open at once on one session (more are refused)
     max_concurrent_prepares: int = 1  # faces prepared at once; later ones wait in line (told their place)
     prepare_grace_seconds: float = 120.0  # a prepare keeps running this long after its last client left
-    long_job_share: float = 0.5  # share of the worker that prepare / finalize keep while previews wait
+    long_job_share: float = 0.5  # share of the worker that preparing faces keeps while previews / finalize wait
     # bounded decoding: pixels being decoded at once (server-wide), and per client address each minute
     decode_pixel_budget: int = 100_000_000
     client_pixels_per_minute: int = 250_000_000
