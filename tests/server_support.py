@@ -75,15 +75,47 @@ def receive_until(socket: Any, wanted: str, limit: int = 500) -> tuple[dict[str,
     raise AssertionError(f"no {wanted!r} event in {limit} messages")
 
 
-class LiveServer:
-    """A real uvicorn server on a loopback port, running in a background thread."""
+def free_port() -> int:
+    """A loopback port free right now (for a server started as a subprocess)."""
+    import socket
 
-    def __init__(self, app: Any) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_until_up(base: str, process: Any, log_path: Path, timeout: float = 120.0) -> None:
+    """Wait until the server subprocess at ``base`` answers /api/health; fail with its log if it exits or stalls."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        assert process.poll() is None, f"the server exited: {log_path.read_text()[-3000:]}"
+        try:
+            if httpx.get(f"{base}/api/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "the server did not come up"
+        time.sleep(0.2)
+
+
+class LiveServer:
+    """A real uvicorn server on a loopback port, running in a background thread.
+
+    Give it an app (served with test defaults: no forwarded header believed) or a whole ``config`` (e.g. the one
+    ``fluidsrv serve`` builds, with ``port=0``).
+    """
+
+    def __init__(self, app: Any = None, *, config: Any = None) -> None:
         import threading
 
         import uvicorn
 
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", proxy_headers=False)
+        if config is None:
+            config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", proxy_headers=False)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="uvicorn-test", daemon=True)
 

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -15,13 +13,7 @@ import pytest
 import websockets.sync.client
 
 from fluidsrv.logs import redact
-from tests.server_support import SMALL_PHOTO
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+from tests.server_support import SMALL_PHOTO, free_port, wait_until_up
 
 
 def test_redact_hides_token_values() -> None:
@@ -40,16 +32,7 @@ def test_serve_runs_the_app_and_never_logs_tokens(tmp_path: Path, shared_dir: Pa
                                    stdout=log, stderr=subprocess.STDOUT)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, log_path.read_text()
-            try:
-                if httpx.get(f"{base}/api/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.3)
+        wait_until_up(base, process, log_path)
         assert "fluidsrv" in httpx.get(base + "/").text  # the browser app is served
         photo = (shared_dir / "photos" / SMALL_PHOTO).read_bytes()
         created = httpx.post(f"{base}/api/sessions", files={"file": ("p.jpg", photo, "image/jpeg")}).json()

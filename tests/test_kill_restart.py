@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ import pytest
 from websockets.sync.client import ClientConnection, connect
 
 from fluidsrv.protocol import decode_frame
-from tests.server_support import SMALL_PHOTO, small_settings
+from tests.server_support import SMALL_PHOTO, free_port, small_settings, wait_until_up
 
 pytestmark = pytest.mark.timeout(600)
 STARTUP_SECONDS = 120.0
@@ -41,13 +40,6 @@ def server_env(data_dir: Path, port: int) -> dict[str, str]:
     return env
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 @contextmanager
 def fluidsrv_serve(data_dir: Path, port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
     """Run `fluidsrv serve` until /api/health answers; kill it (if still alive) on exit."""
@@ -55,15 +47,7 @@ def fluidsrv_serve(data_dir: Path, port: int, log: Path) -> Iterator[subprocess.
         server = subprocess.Popen([sys.executable, "-m", "fluidsrv", "serve"], env=server_env(data_dir, port),
                                   stdout=output, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + STARTUP_SECONDS
-        while True:
-            assert server.poll() is None, f"the server exited: {log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, "the server did not start"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        wait_until_up(f"http://127.0.0.1:{port}", server, log, STARTUP_SECONDS)
         yield server
     finally:
         if server.poll() is None:

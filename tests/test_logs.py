@@ -7,10 +7,8 @@ import json
 import logging
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -19,7 +17,7 @@ from starlette.routing import Mount, Route, WebSocketRoute
 
 from fluidsrv.logs import RedactingFormatter, RedactTokens, redact_args
 from fluidsrv.web import create_app
-from tests.server_support import SMALL_PHOTO, small_settings
+from tests.server_support import SMALL_PHOTO, free_port, small_settings, wait_until_up
 
 ACCESS_FORMAT = '%s - "%s %s HTTP/%s" %d'  # what uvicorn.protocols.http logs, with exactly these five args
 
@@ -81,25 +79,6 @@ def test_the_formatter_redacts_the_finished_line() -> None:
     assert stream.getvalue() == "WARNING at /p?token=…\n"
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _wait_until_up(base: str, process: subprocess.Popen[bytes], err_path: Path) -> None:
-    deadline = time.monotonic() + 120
-    while True:
-        assert process.poll() is None, err_path.read_text()
-        try:
-            if httpx.get(f"{base}/api/health").status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "the server did not come up"
-        time.sleep(0.3)
-
-
 def _requests(tmp_path: Path, session_id: str) -> tuple[list[tuple[str, str]], list[str]]:
     """(method, path) of every HTTP route of the app, DELETE last, and the websocket paths."""
     http: list[tuple[str, str]] = []
@@ -126,7 +105,7 @@ def test_serve_logs_every_route_without_its_token(tmp_path: Path, shared_dir: Pa
                                    stdout=out_file, stderr=err_file)
     try:
         base = f"http://127.0.0.1:{port}"
-        _wait_until_up(base, process, err_path)
+        wait_until_up(base, process, err_path)
         photo = (shared_dir / "photos" / SMALL_PHOTO).read_bytes()
         created = httpx.post(f"{base}/api/sessions", files={"file": ("p.jpg", photo, "image/jpeg")}).json()
         token = created["token"]  # the real token: the session routes answer as they would for its owner

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +11,6 @@ from typing import Any
 import httpx
 import pytest
 import torch
-import uvicorn
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
@@ -25,7 +22,7 @@ from fluidsrv.stages import Direction
 from fluidsrv.web import create_app
 from fluidsrv.web.app import hide_paths, path_labels
 from fluidsrv.web.headers import content_security_policy
-from tests.server_support import SMALL_PHOTO, small_settings
+from tests.server_support import SMALL_PHOTO, LiveServer, small_settings
 
 ADMIN = "admin-secret-for-tests"
 CSP = ("default-src 'self'; img-src 'self' blob: data:; connect-src 'self' ws://testserver wss://testserver; "
@@ -140,32 +137,12 @@ def test_the_policy_names_only_a_well_formed_host() -> None:
 
 # --- forwarded headers: only from the configured proxies --------------------------------------------------------
 
-class ConfiguredServer:
-    """uvicorn on a loopback port in a thread, with the Config ``fluidsrv serve`` builds."""
-
-    def __init__(self, config: uvicorn.Config) -> None:
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, name="uvicorn-security", daemon=True)
-
-    def __enter__(self) -> str:
-        self._thread.start()
-        deadline = time.monotonic() + 60
-        while not self._server.started:
-            assert self._thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.05)
-        return f"http://127.0.0.1:{self._server.servers[0].sockets[0].getsockname()[1]}"
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=60)
-
-
 def upload_statuses(tmp_path: Path, runtime: Runtime, forwarded_allow_ips: str, spoofed: list[str]) -> list[int]:
     """Upload statuses (one upload a minute allowed) from loopback, each claiming ``X-Forwarded-For: spoofed[i]``."""
     settings = small_settings(tmp_path, port=0, max_uploads_per_minute=1, forwarded_allow_ips=forwarded_allow_ips)
     config = build_config(settings, create_app(settings, runtime=runtime))
-    with ConfiguredServer(config) as base:
-        return [httpx.post(f"{base}/api/sessions", content=b"not an image", headers={"X-Forwarded-For": address},
+    with LiveServer(config=config) as host:
+        return [httpx.post(f"http://{host}/api/sessions", content=b"not an image", headers={"X-Forwarded-For": address},
                            timeout=60).status_code for address in spoofed]
 
 
