@@ -287,15 +287,19 @@ class EditService(SessionDirections, LatentTools):
 
     async def delete(self, session: Session, token: str) -> None:
         """Delete a session, its jobs and everything it stored; subscribers get a DeletedEvent."""
-        self.executor.cancel_owner(session.id)
         job = self._jobs.pop(session.id, None)
         if job is not None:
             job.cancel()
-        self._forget_abandon_timer(session.id)
-        self._preview_origins.pop(session.id, None)
+        self._forget(session.id)
         self._publish(session.id, DeletedEvent(session.id))
-        self.runtime.tuned.forget(session.id)
         await asyncio.to_thread(self.store.delete, session.id, token)
+
+    def _forget(self, session_id: str) -> None:
+        """Drop what the service holds for a session that is gone: its device work, timer, models, preview slot."""
+        self.executor.cancel_owner(session_id)
+        self._forget_abandon_timer(session_id)
+        self.runtime.tuned.forget(session_id)
+        self._preview_origins.pop(session_id, None)
 
     async def face_thumbnails(self, session: Session) -> list[bytes]:
         """JPEG thumbnails of the session's faces, in face order."""
@@ -555,9 +559,7 @@ class EditService(SessionDirections, LatentTools):
                 log.exception("session expiry failed")
                 continue
             for session_id in expired:
-                self.executor.cancel_owner(session_id)
-                self.runtime.tuned.forget(session_id)
-                self._preview_origins.pop(session_id, None)
+                self._forget(session_id)
 
 
 def _free_memory(runtime: Runtime, store: SessionStore) -> int:

@@ -23,7 +23,6 @@ from fluidsrv.service import (
     ProgressEvent,
     ReadyEvent,
     Session,
-    SessionError,
     Status,
 )
 from fluidsrv.web.paths import hide_request_paths
@@ -126,13 +125,8 @@ async def session_socket(socket: WebSocket) -> None:
     await socket.accept()
     try:
         session = await service.open(socket.path_params["session_id"], token_of(socket))
-    except SessionError as error:
-        await socket.send_text(event("error", code=error.code, message=error.message))
-        await socket.close(code=4000 + error.status)
-        return
-    try:
         release = service.attach_socket(session)
-    except UserError as error:
+    except UserError as error:  # no such session, or too many sockets on it
         await socket.send_text(event("error", code=error.code, message=error.message))
         await socket.close(code=4000 + error.status)
         return
