@@ -24,7 +24,8 @@ from fluidsrv.cli import CliError
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
-TARGET_MODULES: tuple[str, ...] = ("fluidsrv.cli.train_encoder", "fluidsrv.training.attributes")
+TARGET_MODULES: tuple[str, ...] = (
+    "fluidsrv.cli.train_encoder", "fluidsrv.training.attributes", "fluidsrv.training.student")
 """Modules that add a ``train`` target, each defining ``register_target(targets) -> None``."""
 
 ConfigT = TypeVar("ConfigT", bound="DataclassInstance")
