@@ -45,7 +45,7 @@ from fluidsrv import dlib_faces
 from fluidsrv.models.stylegan2 import Generator
 from fluidsrv.perceptual import ImageDistance, inversion_distance, ms_ssim, psnr
 from fluidsrv.plugins import StageCatalog, build_plugin_manager
-from fluidsrv.pti import PTIConfig, apply_delta, delta_nbytes, finetune
+from fluidsrv.pti import apply_delta, delta_nbytes, finetune, pti_config
 from fluidsrv.settings import EMBEDDED_WEIGHTS_DIR, REPO_ROOT, default_cache_dir
 from fluidsrv.stages import Latents, PluginContext, StepJob
 
@@ -147,7 +147,9 @@ class Methods:
         """Encode, fine-tune (PTI) around the encoder's ws, and render with the tuned generator."""
         assert self.encoder is not None
         latents: Latents = drive(self.encoder.encode(target, self.generator))
-        config = PTIConfig(mode=mode, steps=self.pti_steps, frame_every=0)  # type: ignore[arg-type]
+        config = pti_config(  # the server's per-resolution defaults
+            self.generator.resolution, mode, steps=self.pti_steps, distance_name=self.distance.name, frame_every=0  # type: ignore[arg-type]
+        )
         delta = drive(finetune(self.generator, target, latents.ws, config, self.distance))
         with torch.no_grad():
             return apply_delta(self.generator, delta).synthesis(latents.ws), {"delta_bytes": delta_nbytes(delta)}

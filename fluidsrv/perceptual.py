@@ -408,6 +408,20 @@ def inversion_distance(
     return WeightedSum([(1.0, offline), (lpips_weight, lpips)]).to(device)
 
 
+def finetune_distance(cache_dir: Path, device: str | torch.device = "cpu") -> ImageDistance:
+    """Return the pivotal tuning's perceptual distance: LPIPS-VGG (as in PTI) when both its files are in
+    ``cache_dir``, else the offline distance; an unreadable LPIPS file is logged and the offline one used."""
+    try:
+        lpips = load_lpips(cache_dir, device)
+    except PerceptualError as error:
+        log.warning("LPIPS-VGG in %s cannot be used (%s): fine-tuning with the offline distance", cache_dir, error)
+        lpips = None
+    if lpips is None:
+        return offline_distance(device=device)
+    log.info("LPIPS-VGG found in %s: the fine-tune's perceptual distance", cache_dir)
+    return lpips.freeze()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluation metrics (higher is better)
 # ---------------------------------------------------------------------------------------------------------------

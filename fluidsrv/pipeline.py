@@ -11,7 +11,7 @@ stops at the next step.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import cast
 
@@ -24,6 +24,8 @@ from fluidsrv.convert import image_to_tensor, tensor_to_image
 from fluidsrv.geometry import align_face, face_landmarks, warp_crop
 from fluidsrv.image_io import ImageMetadata, encode_image
 from fluidsrv.models.stylegan2 import Generator
+from fluidsrv.perceptual import ImageDistance
+from fluidsrv.precision import inference_autocast, prepare_for_inference
 from fluidsrv.session.model import Prepared
 from fluidsrv.stages import (
     Detector,
@@ -61,8 +63,11 @@ class StageBundle:
     previewer: Previewer
     device: torch.device
     finetune: str = "lowrank"  # "none", "lowrank" or "full" (checked by Settings)
-    finetune_steps: int = 100
+    finetune_steps: int = 0  # 0: the generator resolution's default (fluidsrv.pti.PTI_DEFAULTS)
     photo_detail: str = "transfer"  # "transfer" (lay the render's change over the photo) or "replace"
+    finetune_seconds: float = 0.0  # the fine-tune's own time budget (FLUIDSRV_PREPARE_SECONDS); 0: unbounded
+    finetune_distance: Callable[[], ImageDistance] | None = None  # the fine-tune's perceptual distance (built once)
+    inference_precision: str = "auto"  # on CUDA: "auto" / "bf16" / "fp16" autocast + channels-last, or "fp32"
 
 
 @dataclass(frozen=True)
@@ -111,10 +116,9 @@ def prepare(stages: StageBundle, pixels: np.ndarray, faces: tuple[Face, ...], fa
     delta: dict[str, torch.Tensor] = {}
     tuned = generator
     if stages.finetune != "none":
-        from fluidsrv.pti import DeltaMode, PTIConfig, apply_delta, finetune
+        from fluidsrv.pti import apply_delta
 
-        config = PTIConfig(mode=cast(DeltaMode, stages.finetune), steps=stages.finetune_steps)
-        delta = yield from finetune(generator, target, ws, config)
+        delta = yield from finetune_face(stages, target, ws)
         tuned = apply_delta(generator, delta)
     renderer = yield from stages.previewer.fit(tuned, ws)
     with torch.inference_mode():
@@ -126,6 +130,18 @@ def prepare(stages: StageBundle, pixels: np.ndarray, faces: tuple[Face, ...], fa
         generator_delta=delta, student_state=renderer.state_dict(), reconstruction=reconstruction,
         head_mask=head_mask(stages.segmenter.parse(preview_crop)), preview_crop=preview_crop, version=version)
     return PreparedFace(prepared, tuned, renderer)
+
+
+def finetune_face(stages: StageBundle, target: torch.Tensor, ws: torch.Tensor) -> StepJob[dict[str, torch.Tensor]]:
+    """Device: pivotal tuning of the base generator on ``target`` [1, 3, R, R] around ``ws`` with the bundle's
+    perceptual distance, step count and time budget; returns the session's generator delta."""
+    from fluidsrv.pti import DeltaMode, finetune, pti_config
+
+    distance = stages.finetune_distance() if stages.finetune_distance is not None else None
+    config = pti_config(stages.generator.resolution, cast(DeltaMode, stages.finetune), steps=stages.finetune_steps,
+                        seconds=stages.finetune_seconds, distance_name=distance.name if distance is not None else None)
+    delta: dict[str, torch.Tensor] = yield from finetune(stages.generator, target, ws, config, distance)
+    return delta
 
 
 def edited_ws(ws: torch.Tensor, directions: Mapping[str, Direction], values: Mapping[str, float],
@@ -162,12 +178,13 @@ def compose_preview(prepared: Prepared, frame: np.ndarray, photo_detail: str) ->
 def render_final(stages: StageBundle, generator: Generator, prepared: Prepared,
                  ws: torch.Tensor) -> StepJob[FinalRenders]:
     """Device: render the edit with the session's tuned generator (and, in "replace" mode, compose the head)."""
-    with torch.inference_mode():
-        edited = tensor_to_image(generator.synthesis(ws))  # [R, R, 3]
+    prepare_for_inference(generator, stages.device, stages.inference_precision)
+    with torch.inference_mode(), inference_autocast(stages.device, stages.inference_precision):
+        edited = tensor_to_image(generator.synthesis(ws).float())  # [R, R, 3]
     yield Progress("finalize", 1, 3, "edited face rendered", frame=edited)
     if stages.photo_detail == "transfer":
-        with torch.inference_mode():
-            reconstructed = tensor_to_image(generator.synthesis(prepared.ws))
+        with torch.inference_mode(), inference_autocast(stages.device, stages.inference_precision):
+            reconstructed = tensor_to_image(generator.synthesis(prepared.ws).float())
         return FinalRenders(edited, reconstructed, None)
     alignment = prepared.alignment
     composed = compose_outer(alignment.outer_image, edited, alignment.inner_offset, stages.segmenter,

@@ -289,7 +289,7 @@ class StageCatalog:
 
 # ---------------------------------------------------------------------------------------------- one per process
 
-_CatalogKey = tuple[tuple[str, ...] | None, str, str, Path, Path]
+_CatalogKey = tuple[tuple[str, ...] | None, str, str, Path, Path, str]
 _managers: dict[tuple[str, ...] | None, FluidsrvPluginManager] = {}  # plugins are imported once per allow-list
 # a catalog lives while its runtime or command holds it: the active stage objects it keeps go with it
 _catalogs: weakref.WeakValueDictionary[_CatalogKey, StageCatalog] = weakref.WeakValueDictionary()
@@ -311,12 +311,14 @@ def catalog_for(settings: Settings, device: torch.device | str | None = None) ->
     resolved = torch.device(device if device is not None else settings.resolved_device())
     options = json.dumps(settings.plugin_options, sort_keys=True, default=str)
     allow = None if settings.plugin_allow is None else tuple(sorted(settings.plugin_allow))
-    key: _CatalogKey = (allow, options, str(resolved), Path(settings.weights_dir), Path(settings.cache_dir))
+    key: _CatalogKey = (allow, options, str(resolved), Path(settings.weights_dir), Path(settings.cache_dir),
+                        settings.inference_precision)
     pm = plugin_manager_for(allow)
     with _catalogs_lock:
         catalog = _catalogs.get(key)
         if catalog is None:
-            context = PluginContext(device=resolved, weights_dir=settings.weights_dir, cache_dir=settings.cache_dir)
+            context = PluginContext(device=resolved, weights_dir=settings.weights_dir, cache_dir=settings.cache_dir,
+                                    inference_precision=settings.inference_precision)
             catalog = _catalogs[key] = StageCatalog(pm, context, settings.plugin_options)
         return catalog
 

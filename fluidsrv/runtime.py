@@ -18,6 +18,7 @@ import torch
 from fluidsrv import latents
 from fluidsrv.direction_files import DirectionsUnavailableError
 from fluidsrv.models.stylegan2 import Generator, GeneratorConfig
+from fluidsrv.perceptual import ImageDistance, finetune_distance
 from fluidsrv.pipeline import StageBundle
 from fluidsrv.plugins import PluginError, StageCatalog, catalog_for
 from fluidsrv.session.model import EditState, Prepared
@@ -139,6 +140,8 @@ class Runtime:
         self._text_source: Any = None
         self._session_directions: dict[str, tuple[tuple[int, int], dict[str, Direction]]] = {}
         self._directions_generation = 0  # bumped whenever the shared directions change
+        self._finetune_distance: ImageDistance | None = None  # built on first use, on the worker
+        self._distance_lock = threading.Lock()
         self._lock = threading.Lock()
 
     @classmethod
@@ -270,7 +273,26 @@ class Runtime:
             generator=self.generator, detector=self.stage("detector"), encoder=self.stage("encoder"),
             segmenter=self.stage("segmenter"), inpainter=self.stage("inpainter"), previewer=self.stage("previewer"),
             device=self.device, finetune=settings.finetune, finetune_steps=settings.finetune_steps,
+            finetune_seconds=settings.prepare_seconds, finetune_distance=self.finetune_distance,
+            inference_precision=settings.inference_precision,
             photo_detail=settings.photo_detail)
+
+    def finetune_distance(self) -> ImageDistance:
+        """The fine-tune's perceptual distance (LPIPS-VGG when cached, else the offline one), built once (device)."""
+        with self._distance_lock:
+            if self._finetune_distance is None:
+                self._finetune_distance = finetune_distance(self.settings.cache_dir, self.device)
+            return self._finetune_distance
+
+    def finetune_figures(self) -> dict[str, Any]:
+        """The fine-tune's settings and each delta mode's bytes per session (for ``/api/stats``)."""
+        from fluidsrv.pti import delta_sizes, pti_defaults
+
+        settings, distance = self.settings, self._finetune_distance
+        steps = settings.finetune_steps or pti_defaults(self.generator.resolution).steps
+        return {"mode": settings.finetune, "steps": steps, "prepare_seconds": settings.prepare_seconds or None,
+                "distance": distance.name if distance is not None else None,
+                "delta_bytes_per_session": delta_sizes(self.generator)}
 
     def text_unavailable(self) -> str | None:
         """Why text-prompt directions cannot be made, or None when they can."""

@@ -548,7 +548,7 @@ class EditService(SessionDirections, LatentTools):
                     "waiting": self._decoding.waiting, "budget_pixels": self._decoding.total}
         prepares = {"running": self._admission.running, "waiting": self._admission.waiting}
         return {"executor": vars(self.executor.stats()), "sessions": vars(self.store.stats()), "decoding": decoding,
-                "prepares": prepares}
+                "prepares": prepares, "finetune": self.runtime.finetune_figures()}
 
     async def _expire_periodically(self) -> None:
         while True:

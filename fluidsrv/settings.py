@@ -51,7 +51,13 @@ class Settings:
     inpainter: str = "lama,telea"
     previewer: str = "generator"
     finetune: str = "lowrank"  # pivotal tuning per session: "lowrank", "full" or "none"
-    finetune_steps: int = 100
+    finetune_steps: int = 0  # at most this many PTI steps; 0: the resolution's default (100 at 128², 350 at 1024²)
+    # the fine-tune's own device time per prepare, in seconds: the step count is chosen from its first steps' time
+    # so it fits (other sessions' work in between does not count); 0 = unbounded
+    prepare_seconds: float = 0.0
+    # previews and finalize on CUDA: "auto" (bf16 autocast, fp16 without bf16; channels-last), "bf16", "fp16" or
+    # "fp32" (off); see fluidsrv.precision
+    inference_precision: str = "auto"
     # previews and finalize: "transfer" lays the render's change over the photo's own pixels
     # (photo + edited − reconstructed, see fluidsrv.compose); "replace" shows the render as it is
     photo_detail: str = "transfer"
@@ -80,7 +86,8 @@ class Settings:
     forwarded_allow_ips: str = ""
 
     def __post_init__(self) -> None:
-        choices = {"finetune": ("lowrank", "full", "none"), "photo_detail": ("transfer", "replace")}
+        choices = {"finetune": ("lowrank", "full", "none"), "photo_detail": ("transfer", "replace"),
+                   "inference_precision": ("auto", "bf16", "fp16", "fp32")}
         for name, allowed in choices.items():
             value = getattr(self, name)
             if value not in allowed:
@@ -92,6 +99,8 @@ class Settings:
                 raise SettingsError(f"FLUIDSRV_{name.upper()} must be at least 1, not {getattr(self, name)!r}")
         if self.prepare_grace_seconds < 0:
             raise SettingsError("FLUIDSRV_PREPARE_GRACE_SECONDS must not be negative")
+        if self.prepare_seconds < 0 or self.finetune_steps < 0:
+            raise SettingsError("FLUIDSRV_PREPARE_SECONDS and FLUIDSRV_FINETUNE_STEPS must not be negative")
         if not 0.0 < self.long_job_share < 1.0:
             raise SettingsError(f"FLUIDSRV_LONG_JOB_SHARE must be between 0 and 1, not {self.long_job_share!r}")
 

@@ -215,6 +215,7 @@ class PluginContext:
     weights_dir: Path  # the embedded models shipped in the repository's weights/
     cache_dir: Path  # the user's weights cache (downloaded or user-provided files)
     options: Mapping[str, Any] = field(default_factory=dict)  # free-form settings for this plugin
+    inference_precision: str = "auto"  # FLUIDSRV_INFERENCE_PRECISION (auto, bf16, fp16, fp32): fluidsrv.precision
     catalog: StageLookup | None = field(default=None, repr=False, compare=False)  # set by the plugin catalog
 
     @overload

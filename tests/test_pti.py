@@ -14,6 +14,7 @@ from fluidsrv.pti import (
     apply_delta,
     delta_mode,
     delta_nbytes,
+    delta_sizes,
     finetune,
     lowrank_targets,
     synthesize_with,
@@ -103,11 +104,19 @@ def test_delta_layouts(tiny: Generator, problem: tuple[torch.Tensor, torch.Tenso
     _, lowrank = drain(finetune(tiny, target, pivot, PTIConfig(mode="lowrank", steps=1, rank=3, locality_weight=0.0)))
     synthesis = {name for name, _ in tiny.named_parameters() if not name.startswith("style.")}
     assert set(full) == synthesis
-    for name in lowrank_targets(tiny):
-        weight = dict(tiny.named_parameters())[name]  # [1, O, I, 3, 3]
-        assert lowrank[name + LORA_DOWN].shape == (3, weight[0, 0].numel())
-        assert lowrank[name + LORA_UP].shape == (weight.shape[1], 3)
-    assert len(lowrank) == 2 * len(lowrank_targets(tiny))
+    targets = lowrank_targets(tiny)
+    assert {name for name in targets if name.endswith(".conv.weight")} == {
+        name for name in synthesis if name.endswith(".conv.weight") and not name.startswith("to_rgb")}
+    assert {name for name in targets if name.endswith("modulation.weight")} == {
+        name for name in synthesis if name.endswith("modulation.weight")}  # every style affine, ToRGBs' too
+    for name in targets:
+        weight = dict(tiny.named_parameters())[name]  # [1, O, I, 3, 3] or an affine [I, w_dim]
+        fan_in = weight[0, 0].numel() if weight.ndim == 5 else weight.shape[1]
+        out_channels = weight.shape[1] if weight.ndim == 5 else weight.shape[0]
+        assert lowrank[name + LORA_DOWN].shape == (3, fan_in)
+        assert lowrank[name + LORA_UP].shape == (out_channels, 3)
+    assert len(lowrank) == 2 * len(targets)
+    assert delta_sizes(tiny, rank=3) == {"lowrank": delta_nbytes(lowrank), "full": delta_nbytes(full)}
     with pytest.raises(KeyError, match="not a synthesis parameter"):
         apply_delta(tiny, {"style.1.weight": torch.zeros(32, 32)})
     with pytest.raises(ValueError, match="mixes"):

@@ -89,11 +89,13 @@ def run(args: argparse.Namespace) -> int:
         # the CLI's own PTI: it films every --frame-every-th step and uses the encoder's perceptual distance,
         # which the pipeline's fine-tune (the server's fixed recipe) does not
         from fluidsrv.convert import image_to_tensor
-        from fluidsrv.pti import PTIConfig, apply_delta, finetune
+        from fluidsrv.pti import apply_delta, finetune, pti_config
 
-        config = PTIConfig(mode=args.pti_mode, steps=args.pti, frame_every=args.frame_every)
+        distance = encoder.distance(device)
+        config = pti_config(generator.resolution, args.pti_mode, steps=args.pti, distance_name=distance.name,
+                            frame_every=args.frame_every)
         target = image_to_tensor(face, device)  # [1, 3, R, R]
-        delta = drive(finetune(generator, target, ws, config, encoder.distance(device)), frames)
+        delta = drive(finetune(generator, target, ws, config, distance), frames)
         final = apply_delta(generator, delta)
         tensors.update({f"delta.{name}": value.detach().cpu().contiguous() for name, value in delta.items()})
     with torch.no_grad():

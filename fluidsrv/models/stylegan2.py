@@ -475,8 +475,10 @@ class Generator(nn.Module):
             in_channels = out_channels
 
         # run synthesis channels-last on CPU: oneDNN's depthwise blurs get ~3× and the whole net 10-20% faster
-        # (the layout propagates through every conv); CUDA keeps the default layout
+        # (the layout propagates through every conv); CUDA keeps the default layout unless inference asks for
+        # channels-last (fluidsrv.precision.prepare_for_inference, with bf16/fp16 autocast)
         self.channels_last_on_cpu = True
+        self.channels_last_on_cuda = False
 
         # fixed per-layer noise images for noise_mode="const" (layer 0 at 4², then two per resolution)
         self.num_noise_layers = 2 * (log2 - 2) + 1
@@ -528,7 +530,9 @@ class Generator(nn.Module):
         )
         noises = self._noise_images(ws.shape[0], noise_mode, ws.device)
 
-        use_channels_last = self.channels_last_on_cpu and ws.device.type == "cpu"
+        use_channels_last = (self.channels_last_on_cpu and ws.device.type == "cpu") or (
+            self.channels_last_on_cuda and ws.device.type == "cuda"
+        )
         layout = torch.channels_last if use_channels_last else torch.contiguous_format
         x = self.input(ws.shape[0], layout)  # [N, C4, 4, 4]
         x = self.conv1(x, ws[:, 0], next(noises))  # [N, C4, 4, 4]
