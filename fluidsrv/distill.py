@@ -23,23 +23,25 @@ import torch
 import torch.nn.functional as F
 
 from fluidsrv.models.stylegan2 import Generator
+from fluidsrv.precision import inference_autocast
 from fluidsrv.stages import Progress, StepJob
 from fluidsrv.student import Student
 
 ANCHOR, PIVOT, CODE, FACE_W, BASE_FRAME = "anchor", "pivot", "code", "face_w", "base_frame"
 _SESSION_PREFIX = "student."  # keys of tuned student tensors in a renderer's state
+EVAL_TARGETS = 8  # targets the distill's before / after change error is measured on
 
 
 @dataclass(frozen=True)
 class DistillConfig:
     """How long and on what one session's distill step trains."""
 
-    seconds: float = 8.0  # wall-clock budget of the training loop
+    seconds: float = 8.0  # the job's own time budget (other jobs run between its steps do not count)
     max_steps: int = 300
     min_steps: int = 5
-    targets: int = 24  # edited renders of the fine-tuned generator made up front
+    targets: int = 48  # edited renders of the fine-tuned generator made up front
     batch: int = 6
-    lr: float = 1e-2
+    lr: float = 3e-3
     tail_blocks: int = 2  # decoder blocks (plus ToRGB) tuned per session
     raw_weight: float = 0.1  # weight of the un-anchored image loss next to the change loss
     max_sliders: int = 2  # an edit moves 1..max_sliders random sliders
@@ -69,10 +71,11 @@ def sample_edits(edits: torch.Tensor, count: int, max_sliders: int, rng: torch.G
 class StudentRenderer:
     """Previews of one session: the anchored student edit of the pivot by ``ws − pivot``."""
 
-    def __init__(self, student: Student, state: dict[str, torch.Tensor]) -> None:
+    def __init__(self, student: Student, state: dict[str, torch.Tensor], precision: str = "auto") -> None:
         self.student = student
         self.state = state
-        self.change_errors: tuple[float, float] | None = None  # the distill's change MSE at its first and last step
+        self.precision = precision  # FLUIDSRV_INFERENCE_PRECISION: autocast on CUDA unless "fp32"
+        self.change_errors: tuple[float, float] | None = None  # change MSE on some of its targets before / after
         self.tuned = {name[len(_SESSION_PREFIX):]: value for name, value in state.items()
                       if name.startswith(_SESSION_PREFIX)}
 
@@ -85,8 +88,10 @@ class StudentRenderer:
 
     @torch.inference_mode()
     def render(self, ws: torch.Tensor) -> torch.Tensor:
-        """Render ``ws`` [1, num_ws, w_dim] to [1, 3, S, S] in [-1, 1]."""
-        image = self.state[ANCHOR] + self.raw(ws) - self.state[BASE_FRAME]
+        """Render ``ws`` [1, num_ws, w_dim] to [1, 3, S, S] in [-1, 1] (float32)."""
+        with inference_autocast(ws.device, self.precision):
+            raw = self.raw(ws).float()
+        image = self.state[ANCHOR] + raw - self.state[BASE_FRAME]
         return image.clamp(-1.0, 1.0)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -94,12 +99,13 @@ class StudentRenderer:
         return dict(self.state)
 
 
-def restore_renderer(student: Student, state: dict[str, torch.Tensor], device: torch.device) -> StudentRenderer:
+def restore_renderer(student: Student, state: dict[str, torch.Tensor], device: torch.device,
+                     precision: str = "auto") -> StudentRenderer:
     """Rebuild a session's renderer from :meth:`StudentRenderer.state_dict` output."""
     missing = [key for key in (ANCHOR, PIVOT, CODE, FACE_W, BASE_FRAME) if key not in state]
     if missing:
         raise ValueError(f"a student session state lacks {', '.join(missing)}")
-    return StudentRenderer(student, {name: value.to(device) for name, value in state.items()})
+    return StudentRenderer(student, {name: value.to(device) for name, value in state.items()}, precision)
 
 
 def _render_targets(generator: Generator, student: Student, ws: torch.Tensor, deltas: torch.Tensor,
@@ -113,8 +119,19 @@ def _render_targets(generator: Generator, student: Student, ws: torch.Tensor, de
     return torch.cat(images)
 
 
+def _change_error(student: Student, tuned: dict[str, torch.Tensor], face_w: torch.Tensor, deltas: torch.Tensor,
+                  changes: torch.Tensor) -> float:
+    """Mean squared error of the student's predicted change against ``changes`` [K, 3, S, S] of ``deltas``."""
+    with torch.no_grad():
+        batch = torch.cat([torch.zeros_like(deltas[:1]), deltas])
+        overrides = {name: value for name, value in tuned.items() if name != CODE}
+        images = torch.func.functional_call(
+            student, overrides, (tuned[CODE].expand(len(batch), -1, -1, -1), batch, face_w.expand(len(batch), -1)))
+        return float(F.mse_loss(images[1:] - images[:1], changes))
+
+
 def distill(student: Student, generator: Generator, ws: torch.Tensor, edits: torch.Tensor,
-            config: DistillConfig | None = None) -> StepJob[StudentRenderer]:
+            config: DistillConfig | None = None, precision: str = "auto") -> StepJob[StudentRenderer]:
     """Step-wise distill of ``student`` on ``generator`` (fine-tuned) around ``ws`` [1, num_ws, w_dim].
 
     ``edits`` [K, num_ws, w_dim] are the session's slider changes at full strength (K may be 0: then the session
@@ -137,7 +154,9 @@ def distill(student: Student, generator: Generator, ws: torch.Tensor, edits: tor
     tuned[CODE] = code.clone()
     for value in tuned.values():
         value.requires_grad_(True)
+    own = time.perf_counter() - started  # the job's own time: what other jobs run between its steps is not counted
     yield Progress("distill", 0, config.max_steps, "student: the face is encoded")
+    resumed = time.perf_counter()
 
     deltas = sample_edits(edits, config.targets, config.max_sliders, rng) if len(edits) else edits[:0]
     targets = _render_targets(generator, student, ws, deltas) if len(deltas) else anchor[:0]
@@ -145,8 +164,11 @@ def distill(student: Student, generator: Generator, ws: torch.Tensor, edits: tor
     optimizer = torch.optim.Adam(list(tuned.values()), lr=config.lr)
     zero = torch.zeros_like(ws)
     step = 0
-    errors: list[float] = []
+    measured = slice(0, min(EVAL_TARGETS, len(deltas)))  # training targets the before / after error is taken on
+    before = _change_error(student, tuned, face_w, deltas[measured], changes[measured]) if len(deltas) else None
     while len(deltas) and step < config.max_steps:
+        if step > 0:
+            resumed = time.perf_counter()
         step += 1
         picks = torch.randint(0, len(deltas), (config.batch,), generator=rng)
         batch_delta = torch.cat([zero, deltas[picks]])  # [1 + B, num_ws, w_dim]: the base frame comes first
@@ -156,19 +178,18 @@ def distill(student: Student, generator: Generator, ws: torch.Tensor, edits: tor
             (tuned[CODE].expand(len(batch_delta), -1, -1, -1), batch_delta, face_w.expand(len(batch_delta), -1)))
         predicted_change = images[1:] - images[:1]
         change_error = F.mse_loss(predicted_change, changes[picks])
-        errors.append(float(change_error.detach()))
         loss = change_error + 0.5 * F.l1_loss(predicted_change, changes[picks])
         raw = torch.cat([anchor, targets[picks]])
         loss = loss + config.raw_weight * F.l1_loss(images, raw)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        elapsed = time.perf_counter() - started
-        done = step >= config.max_steps or (step >= config.min_steps and elapsed >= config.seconds)
+        own += time.perf_counter() - resumed
+        done = step >= config.max_steps or (step >= config.min_steps and own >= config.seconds)
         # the total the budget allows at the pace so far (the progress bar's length)
         total = step if done else min(config.max_steps, max(step + 1, config.min_steps,
-                                                             round(config.seconds * step / max(elapsed, 1e-6))))
-        yield Progress("distill", step, total, f"student: step {step}, change error {errors[-1]:.5f}")
+                                                             round(config.seconds * step / max(own, 1e-6))))
+        yield Progress("distill", step, total, f"student: step {step}, change error {float(change_error):.5f}")
         if done:
             break
 
@@ -176,6 +197,7 @@ def distill(student: Student, generator: Generator, ws: torch.Tensor, edits: tor
     state.update({_SESSION_PREFIX + name: value.detach() for name, value in tuned.items() if name != CODE})
     with torch.no_grad():
         state[BASE_FRAME] = StudentRenderer(student, state).raw(ws).detach()
-    renderer = StudentRenderer(student, state)
-    renderer.change_errors = (errors[0], errors[-1]) if errors else None
+    renderer = StudentRenderer(student, state, precision)
+    if before is not None:
+        renderer.change_errors = (before, _change_error(student, tuned, face_w, deltas[measured], changes[measured]))
     return renderer

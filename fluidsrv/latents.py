@@ -328,6 +328,21 @@ def slider_basis(
     return SliderBasis(tuple(d.name for d in directions), deltas, num_ws, w_dim)
 
 
+def slider_extremes(
+    directions: Sequence[Direction],
+    num_ws: int,
+    w_dim: int,
+    *,
+    spread: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Each slider's Δws at the far end of its range (the larger of |min| and |max|): [K, num_ws, w_dim]."""
+    basis = slider_basis(directions, num_ws, w_dim, spread=spread, device=device)
+    reach = torch.tensor([max(abs(d.slider_range[0]), abs(d.slider_range[1])) for d in directions],
+                         dtype=basis.deltas.dtype, device=basis.deltas.device)  # [K]
+    return (basis.deltas * reach[:, None]).reshape(len(directions), num_ws, w_dim)
+
+
 class _BasisCache:
     """A small LRU of slider bases keyed by the identity of the directions and spread used to build them."""
 

@@ -45,6 +45,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "fluidsrv_plugins.encode_project",
     "fluidsrv_plugins.encode_e4e",
     "fluidsrv_plugins.preview_generator",
+    "fluidsrv_plugins.preview_student",
     "fluidsrv_plugins.directions_sefa",
     "fluidsrv_plugins.directions_ganspace",
     "fluidsrv_plugins.directions_attributes",
@@ -254,9 +255,11 @@ class StageCatalog:
             reasons.append(f"{name}: {reason}")
         raise PluginError(f"no {stage} plugin is available ({'; '.join(reasons) or 'none configured'})")
 
-    def activate(self, stage: str, name: str) -> Any:
-        """Make ``name`` the active ``stage`` implementation; on failure the previous one stays active."""
-        instance = self.create(stage, name)
+    def activate(self, stage: str, name: str, instance: Any = None) -> Any:
+        """Make ``name`` the active ``stage`` implementation (``instance`` when already built by :meth:`create`);
+        on failure the previous one stays active."""
+        if instance is None:
+            instance = self.create(stage, name)
         with self._lock:
             self._active[stage] = (name, instance)
         return instance

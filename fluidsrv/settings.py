@@ -11,6 +11,7 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_WEIGHTS_DIR = REPO_ROOT / "weights"
+AUTO_PREVIEWERS = ("student", "generator")  # what previewer=auto tries, in order
 
 
 def default_cache_dir() -> Path:
@@ -49,7 +50,7 @@ class Settings:
     directions: str = "named,sefa,ganspace"  # every available source contributes sliders
     segmenter: str = "bisenet,landmarks"
     inpainter: str = "lama,telea"
-    previewer: str = "generator"
+    previewer: str = "auto"  # "auto" = "student,generator": see stage_preferences
     finetune: str = "lowrank"  # pivotal tuning per session: "lowrank", "full" or "none"
     finetune_steps: int = 0  # at most this many PTI steps; 0: the resolution's default (100 at 128², 350 at 1024²)
     # the fine-tune's own device time per prepare, in seconds: the step count is chosen from its first steps' time
@@ -130,7 +131,10 @@ class Settings:
     def stage_preferences(self, stage: str) -> list[str]:
         """Return the plugin names configured for ``stage``, most preferred first."""
         raw = str(getattr(self, stage))
-        return [name.strip() for name in raw.split(",") if name.strip()]
+        names = [name.strip() for name in raw.split(",") if name.strip()]
+        if stage == "previewer":  # "auto": the student when one is made for the generator, else the generator
+            names = [part for name in names for part in (AUTO_PREVIEWERS if name == "auto" else (name,))]
+        return names
 
 
 def _parse(name: str, type_name: str, raw: str) -> Any:

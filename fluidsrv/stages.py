@@ -168,8 +168,12 @@ class PreviewRenderer(Protocol):
 class Previewer(Protocol):
     """Builds a per-session preview renderer (e.g. distils a student from the fine-tuned generator)."""
 
-    def fit(self, generator: StyleGenerator, ws: torch.Tensor) -> StepJob[PreviewRenderer]:
-        """Step-wise preparation of a renderer that imitates ``generator`` (fine-tuned) around ``ws``."""
+    def fit(self, generator: StyleGenerator, ws: torch.Tensor, edits: torch.Tensor) -> StepJob[PreviewRenderer]:
+        """Step-wise preparation of a renderer that imitates ``generator`` (fine-tuned) around ``ws``.
+
+        ``edits`` [K, num_ws, w_dim] are the server's sliders as Δws at full strength (K may be 0): the edits a
+        renderer will be asked to draw, for a previewer that learns them (see the ``student`` previewer).
+        """
         ...
 
     def restore(self, generator: StyleGenerator, state: dict[str, torch.Tensor]) -> PreviewRenderer:

@@ -50,8 +50,8 @@ class GeneratorPreviewer:
         self.max_side = max_side
         self.precision = precision  # FLUIDSRV_INFERENCE_PRECISION
 
-    def fit(self, generator: Generator, ws: torch.Tensor) -> StepJob[PreviewRenderer]:
-        """Return a renderer of ``generator`` after one (trivial) step."""
+    def fit(self, generator: Generator, ws: torch.Tensor, edits: torch.Tensor) -> StepJob[PreviewRenderer]:
+        """Return a renderer of ``generator`` after one (trivial) step (``edits`` are not needed)."""
         yield Progress("distill", 1, 1, "previews render with the fine-tuned generator")
         return GeneratorRenderer(generator, self.max_side, self.precision)
 

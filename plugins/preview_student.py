@@ -98,8 +98,9 @@ class StudentPreviewer:
             if self.untrained:
                 key: object = ("untrained", generator.num_ws, generator.w_dim, generator.resolution, device)
                 if key not in self._students:
-                    torch.manual_seed(0)
-                    student = Student(student_config_for(generator))
+                    with torch.random.fork_rng(devices=[]):  # reproducible, and the caller's RNG is left alone
+                        torch.manual_seed(0)
+                        student = Student(student_config_for(generator))
                     student.w_avg.copy_(generator.w_avg.detach().cpu())
                     self._students[key] = student.to(device).eval().requires_grad_(False)
                 return self._students[key]
@@ -121,12 +122,14 @@ class StudentPreviewer:
     def fit(self, generator: Generator, ws: torch.Tensor, edits: torch.Tensor) -> StepJob[PreviewRenderer]:
         """Distil the student on ``generator`` (the session's fine-tuned one) around ``ws`` over ``edits``."""
         student = self.student_for(generator)
-        renderer: StudentRenderer = yield from distill(student, generator, ws, edits.to(ws), self.config)
+        renderer: StudentRenderer = yield from distill(student, generator, ws, edits.to(ws), self.config,
+                                                       self.context.inference_precision)
         return renderer
 
     def restore(self, generator: Generator, state: dict[str, torch.Tensor]) -> PreviewRenderer:
         """Rebuild a session's renderer from its stored tensors."""
-        return restore_renderer(self.student_for(generator), state, generator.w_avg.device)
+        return restore_renderer(self.student_for(generator), state, generator.w_avg.device,
+                                self.context.inference_precision)
 
 
 def _unavailable(context: PluginContext) -> str | None:

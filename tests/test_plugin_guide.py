@@ -85,6 +85,11 @@ def drain(job: Iterator[Progress]) -> Any:
             return done.value
 
 
+def no_edits(generator: Any) -> torch.Tensor:
+    """An empty edit bank [0, num_ws, w_dim] for a previewer's fit."""
+    return torch.zeros(0, generator.num_ws, generator.w_dim)
+
+
 def public_methods(cls: type) -> dict[str, Any]:
     """The public methods a class defines itself."""
     return {name: value for name, value in vars(cls).items() if inspect.isfunction(value) and not name.startswith("_")}
@@ -96,7 +101,7 @@ def built_examples(catalog: StageCatalog) -> list[tuple[object, type]]:
     names = example_names(catalog)
     made = [(catalog.create(stage, name), PROTOCOLS[stage]) for stage, name in names.items()]
     previewer = catalog.create("previewer", names["previewer"])
-    renderer = drain(previewer.fit(generator, generator.mapping(torch.zeros(1, generator.w_dim))))
+    renderer = drain(previewer.fit(generator, generator.mapping(torch.zeros(1, generator.w_dim)), no_edits(generator)))
     return [*made, (renderer, stages.PreviewRenderer)]
 
 
@@ -128,7 +133,7 @@ def test_every_example_runs(catalog: StageCatalog) -> None:
 
     previewer = catalog.create("previewer", names["previewer"])
     ws = latents.ws
-    renderer = drain(previewer.fit(generator, ws))
+    renderer = drain(previewer.fit(generator, ws, no_edits(generator)))
     with torch.inference_mode():
         frame = renderer.render(ws)
         again = previewer.restore(generator, renderer.state_dict()).render(ws)

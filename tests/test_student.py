@@ -178,3 +178,25 @@ def test_auto_previewer_picks_the_student_made_for_the_generator(tmp_path: Path,
     assert without.active_stages()["previewer"] == "generator"
     assert "does not exist" in without.skipped_stages()["previewer"]["student"]
     assert Settings(previewer="auto").stage_preferences("previewer") == ["student", "generator"]
+
+
+def test_train_student_command_writes_a_student_the_server_picks(tmp_path: Path, shard_dir: Path) -> None:
+    """A tiny CPU run of ``fluidsrv train student`` (the 1024² run is the same command on a GPU)."""
+    from fluidsrv.cli import main
+
+    generator = build_random_generator(random_generator_config(32))
+    generator_file = tmp_path / "generator.safetensors"
+    save_generator(generator_file, generator, generator.w_avg)
+    out = tmp_path / "run"
+    code = main(["train", "student", "--generator", str(generator_file), "--data", str(shard_dir), "--out", str(out),
+                 "--minutes", "0", "--batch", "2", "--real-batch", "2", "--limit", "8", "--snapshot-steps", "1"])
+    assert code == 0
+    student, metadata = load_student(out / "student.safetensors")
+    assert metadata["train_steps"] == "1" and student.side == 32
+    assert student.modulator.delta_scale.item() != 1.0  # set from the sliders' Δws
+    assert (out / "samples-0000001.png").is_file() and (out / "state.pt").is_file()
+    previewer = StudentPreviewer(context(tmp_path, student=str(out / "student.safetensors")))
+    assert previewer.suits(generator) is None
+    code = main(["train", "student", "--generator", str(generator_file), "--out", str(out), "--minutes", "0",
+                 "--batch", "2", "--snapshot-steps", "1", "--resume"])
+    assert code == 0 and load_student(out / "student.safetensors")[1]["train_steps"] == "2"
