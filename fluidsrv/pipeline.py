@@ -15,8 +15,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import cast
 
+import cv2
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 from fluidsrv import latents
 from fluidsrv.compose import Composition, compose_outer, head_mask
@@ -89,8 +91,25 @@ class FinalRenders:
 
 
 def preview_side(resolution: int) -> int:
-    """The side P of preview frames (and of the head mask) for a generator of ``resolution``."""
+    """The side P of preview frames, of the reconstruction, the preview crop and the head mask for a generator of
+    ``resolution``: whatever size a previewer renders at, its frames are resized to P×P (:func:`render_preview`)."""
     return min(PREVIEW_MAX_SIDE, max(PREVIEW_MIN_SIDE, resolution))
+
+
+def to_preview_side(image: torch.Tensor, side: int) -> torch.Tensor:
+    """Device: a render [1, 3, H, W] as [1, 3, side, side] (antialiased when shrinking; unchanged at that size)."""
+    if tuple(image.shape[-2:]) == (side, side):
+        return image
+    shrink = image.shape[-1] > side or image.shape[-2] > side
+    return F.interpolate(image.float(), size=(side, side), mode="bilinear", align_corners=False, antialias=shrink)
+
+
+def host_square(image: np.ndarray, side: int) -> np.ndarray:
+    """Host: a uint8 [S, S, 3] image or float [S, S] map as [side, side] (area when shrinking, else bilinear)."""
+    if image.shape[:2] == (side, side):
+        return image
+    interpolation = cv2.INTER_AREA if image.shape[0] > side else cv2.INTER_LINEAR
+    return cv2.resize(image, (side, side), interpolation=interpolation)
 
 
 def detect_faces(detector: Detector, pixels: np.ndarray) -> tuple[Face, ...]:
@@ -121,14 +140,15 @@ def prepare(stages: StageBundle, pixels: np.ndarray, faces: tuple[Face, ...], fa
         delta = yield from finetune_face(stages, target, ws)
         tuned = apply_delta(generator, delta)
     renderer = yield from stages.previewer.fit(tuned, ws)
-    with torch.inference_mode():
-        reconstruction = tensor_to_image(renderer.render(ws))  # [P, P, 3] the unedited preview
-    inner = alignment.inner.resized(preview_side(alignment.inner.size))
+    side = preview_side(generator.resolution)
+    reconstruction = render_preview(renderer, ws, side)  # [P, P, 3] the unedited preview
+    inner = alignment.inner.resized(side)
     preview_crop = warp_crop(pixels, inner, qsize=alignment.inner.side)  # [P, P, 3]
+    head = host_square(head_mask(stages.segmenter.parse(preview_crop)), side)  # [P, P]
     prepared = Prepared(
         face_index=face_index, alignment=alignment, w=inverted.w.detach().to(stages.device), ws=ws,
         generator_delta=delta, student_state=renderer.state_dict(), reconstruction=reconstruction,
-        head_mask=head_mask(stages.segmenter.parse(preview_crop)), preview_crop=preview_crop, version=version)
+        head_mask=head, preview_crop=preview_crop, version=version)
     return PreparedFace(prepared, tuned, renderer)
 
 
@@ -156,10 +176,19 @@ def edited_ws(ws: torch.Tensor, directions: Mapping[str, Direction], values: Map
     return latents.apply_sliders(ws, directions, active, spread=spread)
 
 
+def frame_side(prepared: Prepared) -> int:
+    """The side P of a prepared face's preview frames: its preview crop's (``preview_side`` of the generator)."""
+    return int(prepared.preview_crop.shape[0])
+
+
 @torch.inference_mode()
-def render_preview(renderer: PreviewRenderer, ws: torch.Tensor) -> np.ndarray:
-    """Device: the preview renderer's image of ``ws``: uint8 RGB [P, P, 3]."""
-    return tensor_to_image(renderer.render(ws))
+def render_preview(renderer: PreviewRenderer, ws: torch.Tensor, side: int) -> np.ndarray:
+    """Device: the preview renderer's image of ``ws`` as uint8 RGB [side, side, 3], whatever size it renders at.
+
+    This is the one place where preview frames get their size: any previewer plugin may render at its own
+    resolution (the generator's, a student's 256²...).
+    """
+    return tensor_to_image(to_preview_side(renderer.render(ws), side))
 
 
 def preview_layer(prepared: Prepared, edited: np.ndarray, reconstructed: np.ndarray) -> EditLayer:
@@ -170,9 +199,12 @@ def preview_layer(prepared: Prepared, edited: np.ndarray, reconstructed: np.ndar
 def compose_preview(prepared: Prepared, frame: np.ndarray, photo_detail: str) -> np.ndarray:
     """Host: the preview as finalize will show it: the photo's aligned crop with the render's change laid over
     the head ("transfer"), or the render itself ("replace")."""
+    side = frame_side(prepared)
+    frame = host_square(frame, side)  # a no-op for frames of render_preview
     if photo_detail != "transfer":
         return frame
-    return apply_to_crop(prepared.preview_crop, preview_layer(prepared, frame, prepared.reconstruction))
+    reconstruction = host_square(prepared.reconstruction, side)  # a session spilled before frames were P×P
+    return apply_to_crop(prepared.preview_crop, preview_layer(prepared, frame, reconstruction))
 
 
 def render_final(stages: StageBundle, generator: Generator, prepared: Prepared,

@@ -443,12 +443,12 @@ class EditService(SessionDirections, LatentTools):
         """
         prepared = session.require_ready()
         runtime, session_id = self.runtime, session.id
-        directions = self.session_directions(session)
+        directions, side = self.session_directions(session), pipeline.frame_side(prepared)
 
         def render(state: dict[str, float]) -> Any:
             _, renderer = runtime.session_models(session_id, prepared)
             ws = pipeline.edited_ws(prepared.ws, directions, state, runtime.spread)
-            return pipeline.render_preview(renderer, ws)
+            return pipeline.render_preview(renderer, ws, side)
 
         self._preview_origins[session_id] = origin
         frame = await self.executor.submit_preview(session_id, values, render)

@@ -95,9 +95,9 @@ def test_an_unedited_face_is_the_photo_with_transfer_and_the_render_with_replace
     def inner_frame(size: int) -> np.ndarray:  # the aligned photo as a preview frame would carry it
         return webp_round_trip(align_face(image, face_landmarks(faces[0]), size=size).inner_image)
 
-    assert transfer.preview.shape == (256, 256, 3)  # the aligned photo crop at the preview side
+    assert transfer.preview.shape == replace.preview.shape == (256, 256, 3)  # both at the preview side
     assert np.abs(transfer.preview.astype(np.int16) - inner_frame(256)).mean() < 1.0  # at zero: the photo
-    assert np.abs(replace.preview.astype(np.int16) - inner_frame(32)).mean() > 10.0  # ... or the untrained render
+    assert np.abs(replace.preview.astype(np.int16) - inner_frame(256)).mean() > 10.0  # ... or the untrained render
 
 
 def test_an_edit_with_transfer_changes_the_face_by_the_renders_difference(

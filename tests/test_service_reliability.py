@@ -163,11 +163,11 @@ def test_an_out_of_memory_preview_evicts_idle_sessions_and_retries(
         service = client.app.state.service  # type: ignore[attr-defined]
         real_render, failures = pipeline.render_preview, []
 
-        def render_once_out_of_memory(renderer: Any, ws: torch.Tensor) -> Any:
+        def render_once_out_of_memory(renderer: Any, ws: torch.Tensor, side: int) -> Any:
             if not failures:
                 failures.append(1)
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-            return real_render(renderer, ws)
+            return real_render(renderer, ws, side)
 
         with client.websocket_connect(socket_url(created)) as socket:
             if json.loads(socket.receive_text())["status"] != "ready":
