@@ -4,7 +4,9 @@ Which weights: the file named by the ``encoder`` option when set (our safetensor
 file that exists among our embedded ``weights/encoder-128.safetensors`` (for the embedded 128² generator) and
 the official e4e FFHQ checkpoint in the weights cache (``e4e_ffhq_encode.pt``, for an FFHQ-1024 generator). At
 ``encode`` time the first file whose encoder predicts the generator's ``[num_ws, w_dim]`` codes is used (loaded
-once, then kept); a generator no file matches is an error naming what exists. When our encoder file records
+once, then kept); a generator no file matches is an error naming what exists. :meth:`E4EEncoder.suits` tells the
+same without loading anything (from our files' headers and the official file's known shape), so the server skips
+``e4e`` for such a generator and falls back to the next encoder of ``FLUIDSRV_ENCODER``. When our encoder file records
 the fingerprint of the generator it was trained with and it differs from the generator given, a warning is
 logged (same shapes, other weights: the codes will be poor until PTI corrects them).
 
@@ -112,6 +114,21 @@ class E4EEncoder:
         self._shapes: dict[Path, tuple[int, int] | None] = {}
         self._lock = threading.Lock()
 
+    def suits(self, generator: Generator) -> str | None:
+        """Why no encoder file predicts ``generator``'s [num_ws, w_dim] codes, or None when one may (nothing is loaded).
+
+        A file whose shape cannot be told without loading it (an e4e ``.pt`` named by the ``encoder`` option) is
+        given the benefit of the doubt: encoding tells.
+        """
+        if self.untrained:
+            return None
+        shape = (generator.num_ws, generator.w_dim)
+        with self._lock:
+            known = [self._shape(path) for path in self.files]
+        if any(found is None or found == shape for found in known):
+            return None
+        return self._no_match(generator)
+
     def encode(self, image: torch.Tensor, generator: Generator) -> StepJob[Latents]:
         """Step-wise (one step) encoding of ``image`` [1, 3, R, R] in [-1, 1] into ``generator``'s W+."""
         return self._encode(image, generator)
@@ -138,9 +155,7 @@ class E4EEncoder:
                     self._loaded[key] = self._untrained(generator)
                 return self._loaded[key]
             for path in self.files:
-                if path not in self._shapes:  # read once: a header for our files, nothing for the official one
-                    self._shapes[path] = declared_shape(path) or official_shape(path, self.context)
-                known = self._shapes[path]
+                known = self._shape(path)
                 if known is not None and known != shape:
                     continue
                 key = (path, device)
@@ -150,11 +165,24 @@ class E4EEncoder:
                 if (loaded.network.config.num_ws, loaded.network.config.w_dim) == shape:
                     self._warn_on_other_generator(loaded, generator)
                     return loaded
-        have = ", ".join(str(path) for path in self.files) or "no encoder files"
-        raise ValueError(
-            f"no e4e encoder matches this generator ({generator.resolution}², {shape[0]} styles of width {shape[1]}); "
-            f"have: {have}. Train one with `fluidsrv train encoder`, fetch e4e-ffhq for the FFHQ-1024 generator, or "
-            "use the 'project' encoder"
+        raise ValueError(self._no_match(generator))
+
+    def _shape(self, path: Path) -> tuple[int, int] | None:
+        """(num_ws, w_dim) of ``path`` when known cheaply, read once (call with the lock held)."""
+        if path not in self._shapes:  # a header for our files, nothing for the official one
+            self._shapes[path] = declared_shape(path) or official_shape(path, self.context)
+        return self._shapes[path]
+
+    def _no_match(self, generator: Generator) -> str:
+        """The message for a generator no encoder file predicts codes for, naming what each file predicts."""
+        have = []
+        for path in self.files:
+            known = self._shapes.get(path)
+            have.append(f"{path.name} ({known[0]} styles of width {known[1]})" if known else str(path))
+        return (
+            f"no e4e encoder matches this generator ({generator.resolution}², {generator.num_ws} styles of width "
+            f"{generator.w_dim}); have: {', '.join(have) or 'no encoder files'}. Train one with `fluidsrv train "
+            "encoder`, fetch e4e-ffhq for the FFHQ-1024 generator, or use the 'project' encoder"
         )
 
     def _load(self, path: Path, device: torch.device) -> LoadedEncoder:

@@ -165,3 +165,29 @@ def test_fingerprint_survives_fp16_storage(generator: Generator) -> None:
     copy = Generator(TINY_GENERATOR_W16).eval()
     copy.load_state_dict({key: value.half().float() for key, value in generator.state_dict().items()})
     assert generator_fingerprint(copy) == generator_fingerprint(generator)
+
+
+def test_suits_says_without_loading_which_generators_no_file_predicts_codes_for(
+    tmp_path: Path, generator: Generator, encoder: Encoder4Editing
+) -> None:
+    other = Generator(OTHER).eval()
+    assert catalog(tmp_path, untrained="true").create("encoder", "e4e").suits(other) is None
+
+    save_encoder(tmp_path / "weights" / "encoder-128.safetensors", encoder, latent_avg_for(generator))
+    embedded = catalog(tmp_path).create("encoder", "e4e")
+    assert embedded.suits(generator) is None
+    reason = embedded.suits(other) or ""
+    assert "no e4e encoder matches this generator (64², 10 styles of width 16)" in reason
+    assert "encoder-128.safetensors (8 styles of width 16)" in reason and "'project' encoder" in reason
+
+    # the official checkpoint is known to be for 18 x 512 codes: an unreadable one is never read to tell
+    (tmp_path / "cache" / "e4e_ffhq_encode.pt").write_bytes(b"not a checkpoint")
+    both = catalog(tmp_path).create("encoder", "e4e")
+    assert "e4e_ffhq_encode.pt (18 styles of width 512)" in (both.suits(other) or "")
+    ffhq_shaped = Generator(GeneratorConfig(resolution=1024, w_dim=512, n_mapping=1,
+                                            channels={2**i: 4 for i in range(2, 11)}))
+    assert both.suits(ffhq_shaped) is None
+
+    # an e4e .pt named by the option cannot be told without loading it: encoding tells
+    (tmp_path / "mine.pt").write_bytes(b"not read")
+    assert catalog(tmp_path, encoder=str(tmp_path / "mine.pt")).create("encoder", "e4e").suits(other) is None
