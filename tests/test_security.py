@@ -252,3 +252,11 @@ def test_error_messages_show_no_absolute_server_path(runtime: Runtime) -> None:
     message = refused.json()["error"]["message"]
     assert "big-lama.pt" in message and "<cache>" in message and not ABSOLUTE.findall(message), message
     assert_secured(refused)
+
+
+def test_progress_shows_no_absolute_server_path() -> None:
+    from fluidsrv.web.views import progress_view
+
+    view = progress_view("encode", 1, 1, "e4e (/home/me/.cache/fluidsrv/e4e_ffhq_encode.pt)")
+    assert view["message"] == "e4e (e4e_ffhq_encode.pt)"
+    assert progress_view("finetune", 3, 350, "pti lowrank 3/350 mse 0.1")["message"] == "pti lowrank 3/350 mse 0.1"

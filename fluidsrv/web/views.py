@@ -10,8 +10,9 @@ from fluidsrv.web.paths import hide_paths
 
 
 def progress_view(stage: str, step: int, total: int, message: str, queued: int = 0) -> dict[str, Any]:
-    """The JSON form of a job's progress (``queued``: its place in line while it waits, 1 = next)."""
-    view: dict[str, Any] = {"stage": stage, "step": step, "total": total, "message": message}
+    """The JSON form of a job's progress (``queued``: its place in line while it waits, 1 = next); a server path in
+    ``message`` (e.g. the encoder file a plugin names) is shown as its file name."""
+    view: dict[str, Any] = {"stage": stage, "step": step, "total": total, "message": hide_paths(message, [])}
     if queued:
         view["queued"] = queued
     return view
