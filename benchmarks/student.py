@@ -9,7 +9,9 @@ Quality (``--faces``, default 6): held-out faces of ``../shared/data`` (ids ≥ 
 the server's own prepare stages — the active encoder, pivotal tuning with the server's defaults, the student's
 distill step with its default budget — then ``--edits`` random slider edits each (1–2 of the server's sliders at
 uniform strengths over their whole range) are rendered by the tuned generator (the truth) and by the student.
-Reported per face and pooled: PSNR and MS-SSIM of the student's preview (anchored, what users see) against the truth
+Reported per face and pooled (mean of per-edit PSNR, and PSNR of the pooled MSE, which hard edits dominate;
+plus the share of the edits' squared pixel change the student draws, 1 − MSE(student) / MSE(no change)): PSNR and
+MS-SSIM of the student's preview (anchored, what users see) against the truth
 at the student's side, the same for the un-anchored student and for "no change" (the unedited render: how far
 the edits move the image, the floor a previewer must beat), and the distill step's seconds.
 
@@ -20,6 +22,7 @@ the edits move the image, the floor a previewer must beat), and the distill step
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -101,6 +104,7 @@ def quality(faces: int, edits_per_face: int, data_dir: Path, student_file: Path 
     print(f"quality: {dataset.num_faces} held-out faces, {edits_per_face} edits each over {len(edits)} sliders; "
           f"encoder {runtime.active_stages()['encoder']}, finetune {runtime.settings.finetune}")
     pooled: dict[str, list[float]] = {key: [] for key in ("student", "raw", "nochange", "ssim", "ssim_raw")}
+    errors: dict[str, list[float]] = {key: [] for key in ("student", "raw", "nochange")}  # per-edit MSE
     distill_seconds = []
     for index in range(dataset.num_faces):
         target = to_model_range(dataset[index][None])  # [1, 3, R, R]
@@ -123,15 +127,22 @@ def quality(faces: int, edits_per_face: int, data_dir: Path, student_file: Path 
                "ssim": ms_ssim(shown, truth), "ssim_raw": ms_ssim(raw, truth)}
         for key, values in row.items():
             pooled[key].extend(float(v) for v in values)
+        for key, images in (("student", shown), ("raw", raw), ("nochange", unedited)):
+            errors[key].extend(float(v) for v in (images - truth).square().mean(dim=(1, 2, 3)))
         print(f"  face {dataset.face_id(index)}: student {row['student'].mean():5.2f} dB (MS-SSIM "
               f"{row['ssim'].mean():.3f}) | un-anchored {row['raw'].mean():5.2f} dB | no change "
               f"{row['nochange'].mean():5.2f} dB | distill {distill_seconds[-1]:.1f} s")
     mean = {key: statistics.fmean(values) for key, values in pooled.items() if values}
     if mean:
+        pooled_db = {key: 10 * math.log10(4.0 / max(statistics.fmean(values), 1e-12)) for key, values in errors.items()}
+        captured = 1.0 - sum(errors["student"]) / max(sum(errors["nochange"]), 1e-12)
         print(f"quality pooled ({len(pooled['student'])} edits): student {mean['student']:.2f} dB, MS-SSIM "
               f"{mean['ssim']:.3f} | un-anchored {mean['raw']:.2f} dB, MS-SSIM {mean['ssim_raw']:.3f} | no change "
               f"{mean['nochange']:.2f} dB | distill median {statistics.median(distill_seconds):.1f} s, max "
               f"{max(distill_seconds):.1f} s")
+        print(f"quality pooled MSE: student {pooled_db['student']:.2f} dB | un-anchored {pooled_db['raw']:.2f} dB | "
+              f"no change {pooled_db['nochange']:.2f} dB | share of the edits' pixel change the student draws "
+              f"{100 * captured:.0f} %")
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ fingerprint of the generator it was trained for (:func:`fluidsrv.encoder_arch.ge
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fluidsrv.encoder_arch import FINGERPRINT_KEY
@@ -107,22 +110,22 @@ class Student(nn.Module):
 def save_student(student: Student, path: Path, generator: Generator, extra: Mapping[str, str] | None = None) -> None:
     """Write ``student`` (fp16) for ``generator`` to ``path`` (atomically)."""
     from fluidsrv.encoder_arch import generator_fingerprint
-    from fluidsrv.training.checkpoints import atomic_save
 
     tensors = {name: tensor.detach().to("cpu", torch.float16).contiguous()
                for name, tensor in student.state_dict().items()}
     metadata = {"format": STUDENT_FORMAT, "config": json.dumps(student.config.to_dict()),
                 FINGERPRINT_KEY: generator_fingerprint(generator), **dict(extra or {})}
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save(tensors, path, metadata)
+    partial = path.with_name(path.name + ".partial")  # a killed writer leaves no torn student file
+    save_file(tensors, str(partial), metadata=metadata)
+    os.replace(partial, path)
 
 
 def read_student_metadata(path: Path) -> dict[str, str]:
     """The metadata of a student file; StudentError when it is not one."""
-    from fluidsrv.training.checkpoints import read_metadata
-
     try:
-        metadata = read_metadata(path)
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
     except Exception as error:  # safetensors raises several types for a broken file
         raise StudentError(f"{path} is not a readable safetensors file: {error}") from error
     if metadata.get("format") != STUDENT_FORMAT:
@@ -132,10 +135,8 @@ def read_student_metadata(path: Path) -> dict[str, str]:
 
 def load_student(path: Path, device: torch.device | str = "cpu") -> tuple[Student, dict[str, str]]:
     """Load a student file (fp32 on ``device``, eval mode, frozen) and its metadata."""
-    from fluidsrv.training.checkpoints import read_safetensors
-
     metadata = read_student_metadata(path)
-    tensors, _ = read_safetensors(path)
+    tensors = load_file(str(path))
     try:
         student = Student(StudentConfig.from_dict(json.loads(metadata["config"])))
         student.load_state_dict({name: tensor.float() for name, tensor in tensors.items()}, strict=True)
