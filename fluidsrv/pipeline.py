@@ -67,6 +67,7 @@ class StageBundle:
     finetune: str = "lowrank"  # "none", "lowrank" or "full" (checked by Settings)
     finetune_steps: int = 0  # 0: the generator resolution's default (fluidsrv.pti.PTI_DEFAULTS)
     photo_detail: str = "transfer"  # "transfer" (lay the render's change over the photo) or "replace"
+    slider_edits: torch.Tensor | None = None  # [K, num_ws, w_dim] every slider's Δws at full strength (previewer fit)
     finetune_seconds: float = 0.0  # the fine-tune's own time budget (FLUIDSRV_PREPARE_SECONDS); 0: unbounded
     finetune_distance: Callable[[], ImageDistance] | None = None  # the fine-tune's perceptual distance (built once)
     inference_precision: str = "auto"  # on CUDA: "auto" / "bf16" / "fp16" autocast + channels-last, or "fp32"
@@ -139,7 +140,8 @@ def prepare(stages: StageBundle, pixels: np.ndarray, faces: tuple[Face, ...], fa
 
         delta = yield from finetune_face(stages, target, ws)
         tuned = apply_delta(generator, delta)
-    renderer = yield from stages.previewer.fit(tuned, ws)
+    edits = stages.slider_edits if stages.slider_edits is not None else ws.new_zeros(0, *ws.shape[1:])
+    renderer = yield from stages.previewer.fit(tuned, ws, edits.to(ws))
     side = preview_side(generator.resolution)
     reconstruction = render_preview(renderer, ws, side)  # [P, P, 3] the unedited preview
     inner = alignment.inner.resized(side)

@@ -142,6 +142,8 @@ class Runtime:
         self._directions_generation = 0  # bumped whenever the shared directions change
         self._finetune_distance: ImageDistance | None = None  # built on first use, on the worker
         self._distance_lock = threading.Lock()
+        self._slider_edits: tuple[int, torch.Tensor] | None = None  # (directions generation, edits)
+        self.skipped: dict[str, dict[str, str]] = {}  # stage -> {plugin skipped when choosing: why}
         self._lock = threading.Lock()
 
     @classmethod
@@ -151,11 +153,37 @@ class Runtime:
         catalog = catalog_for(settings)  # the process's one catalog for these settings, shared with the CLI
         runtime = cls(settings, generator, source, catalog)
         for stage in SINGLE_STAGES:
-            name = catalog.first_available(stage, settings.stage_preferences(stage))
-            catalog.activate(stage, name)
+            name = runtime.activate_suitable(stage, settings.stage_preferences(stage))
             log.info("%s: %s", stage, name)
         runtime.load_directions(settings.stage_preferences("directions"))
         return runtime
+
+    def activate_suitable(self, stage: str, preferences: list[str]) -> str:
+        """Activate the first of ``preferences`` that is available and suits the generator; return its name.
+
+        A plugin object may say it cannot work with this generator through an optional ``suits(generator) ->
+        str | None`` method (an encoder without weights of its shape, a previewer without a student for it); such
+        a plugin is skipped like an unavailable one, and every skip is kept with its reason (``/api/config``).
+        """
+        skipped: dict[str, str] = {}
+        for name in preferences:
+            reason = None if name in self.catalog.names(stage) else "not installed"
+            reason = reason or self.catalog.unavailable_reason(stage, name)
+            instance = None
+            if reason is None:
+                instance = self.catalog.create(stage, name)
+                suits = getattr(instance, "suits", None)
+                reason = suits(self.generator) if callable(suits) else None
+            if reason is None:
+                self.catalog.activate(stage, name, instance)
+                with self._lock:
+                    self.skipped[stage] = skipped
+                for other, why in skipped.items():
+                    log.info("%s %s skipped: %s", stage, other, why)
+                return name
+            skipped[name] = reason
+        tried = "; ".join(f"{name}: {reason}" for name, reason in skipped.items()) or "none configured"
+        raise PluginError(f"no {stage} plugin is available for this generator ({tried})")
 
     @overload
     def stage(self, stage: Literal["detector"]) -> Detector: ...
@@ -177,6 +205,11 @@ class Runtime:
         active: dict[str, Any] = {stage: self.catalog.active_name(stage) for stage in SINGLE_STAGES}
         active["directions"] = list(self.direction_sources)
         return active
+
+    def skipped_stages(self) -> dict[str, dict[str, str]]:
+        """Per stage, the preferred plugins skipped when it was chosen, each with the reason."""
+        with self._lock:
+            return {stage: dict(reasons) for stage, reasons in self.skipped.items() if reasons}
 
     def direction_status(self) -> dict[str, str]:
         """The direction sources that were asked for but give no sliders, each with the reason (for the UI)."""
@@ -275,7 +308,20 @@ class Runtime:
             device=self.device, finetune=settings.finetune, finetune_steps=settings.finetune_steps,
             finetune_seconds=settings.prepare_seconds, finetune_distance=self.finetune_distance,
             inference_precision=settings.inference_precision,
-            photo_detail=settings.photo_detail)
+            photo_detail=settings.photo_detail, slider_edits=self.slider_edits())
+
+    def slider_edits(self) -> torch.Tensor:
+        """Every shared slider's Δws at full strength [K, num_ws, w_dim] (what a learning previewer trains on)."""
+        with self._lock:
+            generation, directions = self._directions_generation, list(self.directions.values())
+            cached = self._slider_edits
+        if cached is not None and cached[0] == generation:
+            return cached[1]
+        edits = latents.slider_extremes(directions, self.generator.num_ws, self.generator.w_dim,
+                                        spread=self.spread, device=self.device)
+        with self._lock:
+            self._slider_edits = (generation, edits)
+        return edits
 
     def finetune_distance(self) -> ImageDistance:
         """The fine-tune's perceptual distance (LPIPS-VGG when cached, else the offline one), built once (device)."""
@@ -307,7 +353,7 @@ class Runtime:
             return
         if stage not in SINGLE_STAGES:
             raise PluginError(f"unknown stage {stage!r}")
-        self.catalog.activate(stage, name)
+        self.activate_suitable(stage, [name])
         if stage == "previewer":
             self.tuned.clear()
 

@@ -526,6 +526,11 @@ class EditService(SessionDirections, LatentTools):
         """The active plugin name of every stage."""
         return self.runtime.active_stages()
 
+    def skipped_stages(self) -> dict[str, dict[str, str]]:
+        """Per stage, the preferred plugins passed over when it was chosen, with why (e.g. no weights for this
+        generator)."""
+        return self.runtime.skipped_stages()
+
     def directions_unavailable(self) -> dict[str, str]:
         """The direction sources asked for that give no sliders, with the reason."""
         return self.runtime.direction_status()

@@ -41,8 +41,12 @@ PHONE_WIDTH = 375
 @pytest.fixture(scope="module")
 def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     require_chromium()
-    settings = small_settings(tmp_path_factory.mktemp("browser-server"))
-    app = create_app(settings, runtime=Runtime.build(settings))
+    # previews come from the student previewer (untrained: the 32² generator has no student file), as in production
+    options = {**small_settings(Path()).plugin_options, "previewer.student": {"untrained": "true", "seconds": 0.5}}
+    settings = small_settings(tmp_path_factory.mktemp("browser-server"), previewer="student", plugin_options=options)
+    runtime = Runtime.build(settings)
+    assert runtime.active_stages()["previewer"] == "student"
+    app = create_app(settings, runtime=runtime)
     with LiveServer(app) as host:
         yield f"http://{host}"
 

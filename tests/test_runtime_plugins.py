@@ -89,3 +89,31 @@ def test_a_source_that_raises_anything_is_skipped_with_its_reason(tmp_path: Path
     runtime.load_directions(["raising", "sefa", "nope"])
     assert runtime.direction_sources == ["sefa"]
     assert runtime.direction_status() == {"raising": "failed: RuntimeError: boom", "nope": "not installed"}
+
+
+def test_an_encoder_without_weights_for_the_generator_is_skipped_for_the_next_one_and_said_so(
+    tmp_path: Path,
+) -> None:
+    from starlette.testclient import TestClient
+
+    from fluidsrv.web import create_app
+
+    # the embedded encoder-128 (weights/) makes e4e available, but it predicts no codes of a 64² generator
+    settings = Settings(generator="random:64", device="cpu", data_dir=tmp_path, cache_dir=tmp_path / "cache",
+                        directions="sefa", admin_token="admin")
+    assert settings.encoder == "e4e,project"
+    assert catalog_for(settings).unavailable_reason("encoder", "e4e") is None
+    runtime = Runtime.build(settings)
+    assert runtime.active_stages()["encoder"] == "project"
+    reason = runtime.skipped_stages()["encoder"]["e4e"]
+    assert "no e4e encoder matches this generator (64²" in reason and "encoder-128.safetensors" in reason
+
+    with TestClient(create_app(settings, runtime=runtime)) as client:
+        config = client.get("/api/config").json()
+        assert config["active"]["encoder"] == "project"
+        assert "no e4e encoder matches this generator" in config["skipped"]["encoder"]["e4e"]
+        assert str(settings.weights_dir) not in config["skipped"]["encoder"]["e4e"]  # no server path shown
+        switched = client.post("/api/config/stages", json={"stage": "encoder", "name": "e4e"},
+                               headers={"Authorization": "Bearer admin"})
+        assert switched.status_code == 422 and "no e4e encoder matches" in switched.text
+        assert client.get("/api/config").json()["active"]["encoder"] == "project"  # the old one stays

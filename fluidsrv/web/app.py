@@ -57,6 +57,7 @@ async def config(request: Request) -> JSONResponse:
         "generator": service.generator_info(),
         "plugins": [info.as_dict() for info in await service.plugins()],
         "active": service.active_stages(),
+        "skipped": service.skipped_stages(),
         "directions_unavailable": service.directions_unavailable(),
         "features": {"sefa": True, "text": text_reason is None, "text_reason": text_reason, "tools": True},
         "finetune": settings.finetune,
