@@ -30,6 +30,7 @@ from fluidsrv.student import Student
 ANCHOR, PIVOT, CODE, FACE_W, BASE_FRAME = "anchor", "pivot", "code", "face_w", "base_frame"
 _SESSION_PREFIX = "student."  # keys of tuned student tensors in a renderer's state
 EVAL_TARGETS = 8  # targets the distill's before / after change error is measured on
+TARGET_CHUNK = 8  # edited renders made per step of the distill's first phase
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ def restore_renderer(student: Student, state: dict[str, torch.Tensor], device: t
 
 
 def _render_targets(generator: Generator, student: Student, ws: torch.Tensor, deltas: torch.Tensor,
-                    chunk: int = 8) -> torch.Tensor:
+                    chunk: int = TARGET_CHUNK) -> torch.Tensor:
     """The fine-tuned generator's renders of ``ws + deltas`` at the student's side: [K, 3, S, S]."""
     images = []
     with torch.no_grad():
@@ -159,7 +160,16 @@ def distill(student: Student, generator: Generator, ws: torch.Tensor, edits: tor
     resumed = time.perf_counter()
 
     deltas = sample_edits(edits, config.targets, config.max_sliders, rng) if len(edits) else edits[:0]
-    targets = _render_targets(generator, student, ws, deltas) if len(deltas) else anchor[:0]
+    rendered = []  # the targets are rendered in chunks until half the budget is spent (a 1024² CPU render is slow)
+    for start in range(0, len(deltas), TARGET_CHUNK):
+        rendered.append(_render_targets(generator, student, ws, deltas[start:start + TARGET_CHUNK]))
+        own += time.perf_counter() - resumed
+        yield Progress("distill", 0, config.max_steps, f"student: {start + len(rendered[-1])} edits rendered")
+        resumed = time.perf_counter()
+        if own >= config.seconds / 2 and start + TARGET_CHUNK >= min(config.batch, len(deltas)):
+            break
+    targets = torch.cat(rendered) if rendered else anchor[:0]
+    deltas = deltas[: len(targets)]
     changes = targets - anchor  # [K, 3, S, S]
     optimizer = torch.optim.Adam(list(tuned.values()), lr=config.lr)
     zero = torch.zeros_like(ws)

@@ -110,7 +110,8 @@ def test_distill_is_anchored_restorable_and_learns_the_session(generator: Genera
     config = DistillConfig(seconds=60.0, max_steps=40, min_steps=2, targets=8, batch=4)
     events, renderer = drain(distill(student, generator, ws, edits, config))
     assert isinstance(renderer, StudentRenderer)
-    assert [event.step for event in events] == list(range(0, 41))
+    steps = [event.step for event in events]
+    assert steps == [0] * (len(steps) - 40) + list(range(1, 41)) and len(steps) > 40  # encode, render, train
     assert events[-1].total == 40 and all(event.stage == "distill" for event in events)
     for name, tensor in student.state_dict().items():  # the shared student is never written to
         assert torch.equal(tensor, before[name]), name
