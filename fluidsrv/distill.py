@@ -100,6 +100,11 @@ class StudentRenderer:
         return dict(self.state)
 
 
+def is_student_state(state: dict[str, torch.Tensor]) -> bool:
+    """Whether ``state`` is a student renderer's (another previewer's state lacks its tensors)."""
+    return all(key in state for key in (ANCHOR, PIVOT, CODE, FACE_W, BASE_FRAME))
+
+
 def restore_renderer(student: Student, state: dict[str, torch.Tensor], device: torch.device,
                      precision: str = "auto") -> StudentRenderer:
     """Rebuild a session's renderer from :meth:`StudentRenderer.state_dict` output."""

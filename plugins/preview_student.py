@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from fluidsrv import hookimpl
-from fluidsrv.distill import DistillConfig, StudentRenderer, distill, restore_renderer
+from fluidsrv.distill import DistillConfig, StudentRenderer, distill, is_student_state, restore_renderer
 from fluidsrv.encoder_arch import FINGERPRINT_KEY, generator_fingerprint
 from fluidsrv.manifest import WeightsError
 from fluidsrv.models.stylegan2 import Generator
@@ -127,9 +127,28 @@ class StudentPreviewer:
         return renderer
 
     def restore(self, generator: Generator, state: dict[str, torch.Tensor]) -> PreviewRenderer:
-        """Rebuild a session's renderer from its stored tensors."""
+        """Rebuild a session's renderer from its stored tensors (a session prepared by another previewer has none:
+        it previews with its generator until it is prepared again)."""
+        if not is_student_state(state):
+            return GeneratorFallback(generator)
         return restore_renderer(self.student_for(generator), state, generator.w_avg.device,
                                 self.context.inference_precision)
+
+
+class GeneratorFallback:
+    """Previews of a session that was prepared before the student was switched on: its generator's renders."""
+
+    def __init__(self, generator: Generator) -> None:
+        self.generator = generator
+
+    @torch.inference_mode()
+    def render(self, ws: torch.Tensor) -> torch.Tensor:
+        """Render ``ws`` [1, num_ws, w_dim] with the session's generator: [1, 3, R, R]."""
+        return self.generator.synthesis(ws, noise_mode="const").float()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Nothing of the student's to store."""
+        return {}
 
 
 def _unavailable(context: PluginContext) -> str | None:

@@ -160,6 +160,9 @@ def test_previewer_suits_only_the_generator_its_file_was_made_for(tmp_path: Path
     with torch.inference_mode():
         again = previewer.restore(generator, renderer.state_dict())
         assert torch.equal(again.render(ws), renderer.render(ws))
+    fallback = previewer.restore(generator, {})  # prepared by another previewer: the generator's own renders
+    with torch.inference_mode():
+        assert torch.equal(fallback.render(ws), generator.synthesis(ws, noise_mode="const"))
     wider = build_random_generator(random_generator_config(64))
     with pytest.raises(ValueError, match="no student edits"):
         previewer.student_for(wider)
