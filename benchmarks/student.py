@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 from fluidsrv.distill import StudentRenderer, sample_edits  # noqa: E402
 from fluidsrv.models.stylegan2 import Generator  # noqa: E402
 from fluidsrv.perceptual import ms_ssim, psnr  # noqa: E402
+from fluidsrv.pipeline import preview_side, render_preview  # noqa: E402
 from fluidsrv.stages import PluginContext, StepJob  # noqa: E402
 
 
@@ -60,8 +61,8 @@ def median_ms(render: object, ws: torch.Tensor, repeats: int) -> float:
 
 def speed_row(label: str, generator: Generator, student_options: dict[str, object], repeats: int) -> None:
     """Print generator-previewer vs student-previewer ms for ``generator``, interleaved."""
-    from plugins.preview_generator import GeneratorPreviewer
-    from plugins.preview_student import StudentPreviewer
+    from fluidsrv_plugins.preview_generator import GeneratorPreviewer
+    from fluidsrv_plugins.preview_student import StudentPreviewer
 
     context = PluginContext(device=torch.device("cpu"), weights_dir=ROOT / "weights", cache_dir=Path("/nonexistent"),
                             options=student_options)
@@ -73,18 +74,22 @@ def speed_row(label: str, generator: Generator, student_options: dict[str, objec
     student = StudentPreviewer(context).student_for(generator)
     fast = drain(distill(student, generator, ws, edits, DistillConfig(max_steps=1, min_steps=1, targets=2)))
     moved = ws + edits[:1]
+    side = preview_side(generator.resolution)
+
+    def frame_of(renderer: object) -> object:  # what the server does per preview: render, then size to P×P
+        return lambda ws: render_preview(renderer, ws, side)  # type: ignore[arg-type]
+
     generator_times, student_times = [], []
     with torch.inference_mode():
         for _ in range(3):  # warm-up
-            exact.render(moved)  # type: ignore[attr-defined]
-            fast.render(moved)  # type: ignore[attr-defined]
+            frame_of(exact)(moved)  # type: ignore[operator]
+            frame_of(fast)(moved)  # type: ignore[operator]
         for _ in range(repeats):  # alternate, so noise hits both alike
-            generator_times.append(median_ms(exact.render, moved, 1))  # type: ignore[attr-defined]
-            student_times.append(median_ms(fast.render, moved, 1))  # type: ignore[attr-defined]
+            generator_times.append(median_ms(frame_of(exact), moved, 1))
+            student_times.append(median_ms(frame_of(fast), moved, 1))
     g, s = statistics.median(generator_times), statistics.median(student_times)
-    side = student.side
     print(f"{label}: generator preview {g:8.1f} ms ({generator.resolution}² render) | student preview {s:6.1f} ms "
-          f"({side}² render) | student {g / s:5.1f}x faster")
+          f"({student.side}² render) | both sized to the {side}² frame | student {g / s:5.1f}x faster")
 
 
 def quality(faces: int, edits_per_face: int, data_dir: Path, student_file: Path | None) -> None:

@@ -10,13 +10,20 @@ few session tensors, substituted for each call with ``torch.func.functional_call
 The renderer is *anchored*: a preview is ``anchor + student(Δw) − student(0)``, where ``anchor`` is the fine-tuned
 generator's exact render of the pivot (made once, in the distill step). The student therefore draws only the
 change an edit makes; with every slider at zero the preview is exactly the generator's image. The distill step
-trains the session tensors on the change of edits sampled from the session's sliders (``edits``: the Δws of each
-direction at its slider's end), for at most ``seconds`` (or ``max_steps``).
+trains the session tensors on the change of edits sampled from the server's shared sliders (``edits``: the Δws of
+each direction at the far end of its range, at strengths in [−1, 1]; sliders a session adds later, such as its own
+SeFa ranges or text prompts, are drawn by the student as it generalises), for at most ``seconds`` of its own time
+(or ``max_steps``).
+
+``torch.func.functional_call`` swaps the session tensors into the shared student for the duration of one call;
+that is safe because every call runs on the executor's one device worker (never call a renderer from two threads).
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +35,9 @@ from fluidsrv.stages import Progress, StepJob
 from fluidsrv.student import Student
 
 ANCHOR, PIVOT, CODE, FACE_W, BASE_FRAME = "anchor", "pivot", "code", "face_w", "base_frame"
+STUDENT_ID = "student_id"  # the identity of the shared student a state was tuned against (uint8 digest bytes)
 _SESSION_PREFIX = "student."  # keys of tuned student tensors in a renderer's state
+_identities: weakref.WeakKeyDictionary[Student, torch.Tensor] = weakref.WeakKeyDictionary()
 EVAL_TARGETS = 8  # targets the distill's before / after change error is measured on
 TARGET_CHUNK = 8  # edited renders made per step of the distill's first phase
 
@@ -100,15 +109,30 @@ class StudentRenderer:
         return dict(self.state)
 
 
-def is_student_state(state: dict[str, torch.Tensor]) -> bool:
-    """Whether ``state`` is a student renderer's (another previewer's state lacks its tensors)."""
-    return all(key in state for key in (ANCHOR, PIVOT, CODE, FACE_W, BASE_FRAME))
+def student_identity(student: Student) -> torch.Tensor:
+    """A digest of the shared student's weights as uint8 [32] (remembered per object), stored in session states."""
+    known = _identities.get(student)
+    if known is None:
+        digest = hashlib.sha256()
+        for name, tensor in sorted(student.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().to("cpu", torch.float16).reshape(-1).view(torch.uint8).numpy().tobytes())
+        known = _identities[student] = torch.frombuffer(bytearray(digest.digest()), dtype=torch.uint8).clone()
+    return known
+
+
+def is_student_state(state: dict[str, torch.Tensor], student: Student | None = None) -> bool:
+    """Whether ``state`` is a student renderer's (of ``student``, when given): another previewer's state lacks its
+    tensors, and one tuned against other student weights (a replaced file) does not fit them."""
+    if not all(key in state for key in (ANCHOR, PIVOT, CODE, FACE_W, BASE_FRAME, STUDENT_ID)):
+        return False
+    return student is None or torch.equal(state[STUDENT_ID].cpu(), student_identity(student))
 
 
 def restore_renderer(student: Student, state: dict[str, torch.Tensor], device: torch.device,
                      precision: str = "auto") -> StudentRenderer:
     """Rebuild a session's renderer from :meth:`StudentRenderer.state_dict` output."""
-    missing = [key for key in (ANCHOR, PIVOT, CODE, FACE_W, BASE_FRAME) if key not in state]
+    missing = [key for key in (ANCHOR, PIVOT, CODE, FACE_W, BASE_FRAME, STUDENT_ID) if key not in state]
     if missing:
         raise ValueError(f"a student session state lacks {', '.join(missing)}")
     return StudentRenderer(student, {name: value.to(device) for name, value in state.items()}, precision)
@@ -208,10 +232,11 @@ def distill(student: Student, generator: Generator, ws: torch.Tensor, edits: tor
         if done:
             break
 
-    state = {ANCHOR: anchor, PIVOT: ws.clone(), CODE: tuned[CODE].detach(), FACE_W: face_w}
+    state = {ANCHOR: anchor, PIVOT: ws.clone(), CODE: tuned[CODE].detach(), FACE_W: face_w,
+             STUDENT_ID: student_identity(student)}
     state.update({_SESSION_PREFIX + name: value.detach() for name, value in tuned.items() if name != CODE})
-    with torch.no_grad():
-        state[BASE_FRAME] = StudentRenderer(student, state).raw(ws).detach()
+    with torch.no_grad(), inference_autocast(ws.device, precision):  # the dtype path render() takes: exact at zero
+        state[BASE_FRAME] = StudentRenderer(student, state).raw(ws).detach().float()
     renderer = StudentRenderer(student, state, precision)
     if before is not None:
         renderer.change_errors = (before, _change_error(student, tuned, face_w, deltas[measured], changes[measured]))

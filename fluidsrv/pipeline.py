@@ -11,9 +11,10 @@ stops at the next step.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import cv2
 import numpy as np
@@ -141,7 +142,7 @@ def prepare(stages: StageBundle, pixels: np.ndarray, faces: tuple[Face, ...], fa
         delta = yield from finetune_face(stages, target, ws)
         tuned = apply_delta(generator, delta)
     edits = stages.slider_edits if stages.slider_edits is not None else ws.new_zeros(0, *ws.shape[1:])
-    renderer = yield from stages.previewer.fit(tuned, ws, edits.to(ws))
+    renderer = yield from fit_previewer(stages.previewer, tuned, ws, edits.to(ws))
     side = preview_side(generator.resolution)
     reconstruction = render_preview(renderer, ws, side)  # [P, P, 3] the unedited preview
     inner = alignment.inner.resized(side)
@@ -152,6 +153,20 @@ def prepare(stages: StageBundle, pixels: np.ndarray, faces: tuple[Face, ...], fa
         generator_delta=delta, student_state=renderer.state_dict(), reconstruction=reconstruction,
         head_mask=head, preview_crop=preview_crop, version=version)
     return PreparedFace(prepared, tuned, renderer)
+
+
+def fit_previewer(previewer: Previewer, generator: Generator, ws: torch.Tensor,
+                  edits: torch.Tensor) -> StepJob[PreviewRenderer]:
+    """Device: the previewer's fit; a plugin written for the older two-argument ``fit(generator, ws)`` still works."""
+    try:
+        names = list(inspect.signature(previewer.fit).parameters)
+    except (TypeError, ValueError):  # no signature to read: call it the current way
+        names = []
+    if len(names) == 2 and "edits" not in names:
+        renderer: PreviewRenderer = yield from cast(Any, previewer).fit(generator, ws)
+        return renderer
+    renderer = yield from previewer.fit(generator, ws, edits)
+    return renderer
 
 
 def finetune_face(stages: StageBundle, target: torch.Tensor, ws: torch.Tensor) -> StepJob[dict[str, torch.Tensor]]:
@@ -211,13 +226,18 @@ def compose_preview(prepared: Prepared, frame: np.ndarray, photo_detail: str) ->
 
 def render_final(stages: StageBundle, generator: Generator, prepared: Prepared,
                  ws: torch.Tensor) -> StepJob[FinalRenders]:
-    """Device: render the edit with the session's tuned generator (and, in "replace" mode, compose the head)."""
-    prepare_for_inference(generator, stages.device, stages.inference_precision)
-    with torch.inference_mode(), inference_autocast(stages.device, stages.inference_precision):
+    """Device: render the edit with the session's tuned generator (and, in "replace" mode, compose the head).
+
+    The result is what a person keeps, so with ``inference_precision`` "auto" it renders in fp32 (bf16 is up to
+    9/255 off); an explicit "bf16" / "fp16" applies here too.
+    """
+    precision = "fp32" if stages.inference_precision == "auto" else stages.inference_precision
+    prepare_for_inference(generator, stages.device, precision)
+    with torch.inference_mode(), inference_autocast(stages.device, precision):
         edited = tensor_to_image(generator.synthesis(ws).float())  # [R, R, 3]
     yield Progress("finalize", 1, 3, "edited face rendered", frame=edited)
     if stages.photo_detail == "transfer":
-        with torch.inference_mode(), inference_autocast(stages.device, stages.inference_precision):
+        with torch.inference_mode(), inference_autocast(stages.device, precision):
             reconstructed = tensor_to_image(generator.synthesis(prepared.ws).float())
         return FinalRenders(edited, reconstructed, None)
     alignment = prepared.alignment

@@ -22,7 +22,7 @@ from fluidsrv.perceptual import ImageDistance, finetune_distance
 from fluidsrv.pipeline import StageBundle
 from fluidsrv.plugins import PluginError, StageCatalog, catalog_for
 from fluidsrv.session.model import EditState, Prepared
-from fluidsrv.settings import Settings
+from fluidsrv.settings import AUTO_PREVIEWERS, Settings
 from fluidsrv.stages import Detector, Direction, Encoder, Inpainter, Previewer, PreviewRenderer, Segmenter
 from fluidsrv.weights import load_generator
 
@@ -144,6 +144,7 @@ class Runtime:
         self._distance_lock = threading.Lock()
         self._slider_edits: tuple[int, torch.Tensor] | None = None  # (directions generation, edits)
         self.skipped: dict[str, dict[str, str]] = {}  # stage -> {plugin skipped when choosing: why}
+        self._active: dict[str, tuple[str, Any]] = {}  # stage -> (name, instance) of this runtime's plugins
         self._lock = threading.Lock()
 
     @classmethod
@@ -166,17 +167,13 @@ class Runtime:
         a plugin is skipped like an unavailable one, and every skip is kept with its reason (``/api/config``).
         """
         skipped: dict[str, str] = {}
+        if stage == "previewer" and preferences == ["auto"]:  # an admin switch to "auto"
+            preferences = list(AUTO_PREVIEWERS)
         for name in preferences:
-            reason = None if name in self.catalog.names(stage) else "not installed"
-            reason = reason or self.catalog.unavailable_reason(stage, name)
-            instance = None
+            instance, reason = self._suitable(stage, name)
             if reason is None:
-                instance = self.catalog.create(stage, name)
-                suits = getattr(instance, "suits", None)
-                reason = suits(self.generator) if callable(suits) else None
-            if reason is None:
-                self.catalog.activate(stage, name, instance)
-                with self._lock:
+                with self._lock:  # this runtime's choice (the catalog is shared by every runtime of the process)
+                    self._active[stage] = (name, instance)
                     self.skipped[stage] = skipped
                 for other, why in skipped.items():
                     log.info("%s %s skipped: %s", stage, other, why)
@@ -184,6 +181,22 @@ class Runtime:
             skipped[name] = reason
         tried = "; ".join(f"{name}: {reason}" for name, reason in skipped.items()) or "none configured"
         raise PluginError(f"no {stage} plugin is available for this generator ({tried})")
+
+    def _suitable(self, stage: str, name: str) -> tuple[Any, str | None]:
+        """Build ``stage``/``name`` and check it suits the generator: (instance, None) or (None, why not)."""
+        if name not in self.catalog.names(stage):
+            return None, "not installed"
+        reason = self.catalog.unavailable_reason(stage, name)
+        if reason is not None:
+            return None, reason
+        try:
+            instance = self.catalog.create(stage, name)
+            suits = getattr(instance, "suits", None)
+            reason = suits(self.generator) if callable(suits) else None
+        except Exception as error:  # a broken plugin is skipped with its reason, like an unavailable one
+            log.exception("%s %s failed its checks for this generator", stage, name)
+            return None, f"failed: {type(error).__name__}: {error}"
+        return (instance, None) if reason is None else (None, str(reason))
 
     @overload
     def stage(self, stage: Literal["detector"]) -> Detector: ...
@@ -198,11 +211,15 @@ class Runtime:
 
     def stage(self, stage: str) -> Any:
         """Return the active implementation of ``stage`` (one of SINGLE_STAGES), typed by its stage Protocol."""
-        return self.catalog.active(stage)[1]
+        with self._lock:
+            if stage not in self._active:
+                raise PluginError(f"no {stage} plugin is active")
+            return self._active[stage][1]
 
     def active_stages(self) -> dict[str, Any]:
         """Return the active plugin name of every stage (a list of sources for directions)."""
-        active: dict[str, Any] = {stage: self.catalog.active_name(stage) for stage in SINGLE_STAGES}
+        with self._lock:
+            active: dict[str, Any] = {stage: self._active.get(stage, (None,))[0] for stage in SINGLE_STAGES}
         active["directions"] = list(self.direction_sources)
         return active
 

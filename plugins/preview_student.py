@@ -70,6 +70,7 @@ class StudentPreviewer:
         self.files = [] if self.untrained else candidate_files(context)
         self.config = distill_config(context)
         self._students: dict[object, Student] = {}
+        self._chosen: Path | None = None  # the file suits() found made for the base generator
         self._lock = threading.Lock()
 
     def suits(self, generator: Generator) -> str | None:
@@ -87,6 +88,8 @@ class StudentPreviewer:
                 reasons.append(str(error))
                 continue
             if metadata.get(FINGERPRINT_KEY) == actual:
+                with self._lock:
+                    self._chosen = path  # student_for serves this file first (tuned generators differ in fingerprint)
                 return None
             reasons.append(f"{path.name} was trained for another generator")
         return "; ".join(reasons)
@@ -104,7 +107,8 @@ class StudentPreviewer:
                     student.w_avg.copy_(generator.w_avg.detach().cpu())
                     self._students[key] = student.to(device).eval().requires_grad_(False)
                 return self._students[key]
-            for path in self.files:
+            ordered = sorted(self.files, key=lambda path: path != self._chosen)
+            for path in ordered:
                 key = (path, device)
                 if key not in self._students:
                     try:
@@ -127,12 +131,13 @@ class StudentPreviewer:
         return renderer
 
     def restore(self, generator: Generator, state: dict[str, torch.Tensor]) -> PreviewRenderer:
-        """Rebuild a session's renderer from its stored tensors (a session prepared by another previewer has none:
-        it previews with its generator until it is prepared again)."""
-        if not is_student_state(state):
+        """Rebuild a session's renderer from its stored tensors (a session prepared by another previewer, or against
+        other student weights, previews with its generator until it is prepared again)."""
+        student = self.student_for(generator)
+        if not is_student_state(state, student):
+            log.info("a session's preview state is not of this student: it previews with its generator")
             return GeneratorFallback(generator)
-        return restore_renderer(self.student_for(generator), state, generator.w_avg.device,
-                                self.context.inference_precision)
+        return restore_renderer(student, state, generator.w_avg.device, self.context.inference_precision)
 
 
 class GeneratorFallback:

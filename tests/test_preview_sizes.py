@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -181,3 +182,22 @@ def test_a_reconstruction_of_another_size_still_composes() -> None:
     composed = pipeline.compose_preview(old, frame, "transfer")
     assert composed.shape == prepared.preview_crop.shape
     assert np.abs(composed.astype(int) - prepared.preview_crop).mean() < 8  # (almost) no edit
+
+
+def test_a_previewer_with_the_older_two_argument_fit_still_prepares() -> None:
+    """A third-party previewer written before fit took the sliders' edits keeps working."""
+    from fluidsrv_plugins.preview_generator import GeneratorRenderer
+
+    from fluidsrv.pipeline import fit_previewer
+
+    class OldPreviewer:
+        def fit(self, generator: Any, ws: torch.Tensor) -> Any:
+            yield from ()
+            return GeneratorRenderer(generator, 512)
+
+    generator = build_random_generator(random_generator_config(16))
+    ws = generator.mapping(torch.zeros(1, generator.w_dim))
+    job = fit_previewer(OldPreviewer(), generator, ws, torch.zeros(0, generator.num_ws, generator.w_dim))  # type: ignore[arg-type]
+    with pytest.raises(StopIteration) as done:
+        next(job)
+    assert isinstance(done.value.value, GeneratorRenderer)

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from fluidsrv_plugins.preview_student import StudentPreviewer
 
 from fluidsrv.distill import DistillConfig, StudentRenderer, distill, restore_renderer, sample_edits
 from fluidsrv.models.autoencoder import AutoencoderConfig, FaceAutoencoder
@@ -18,7 +19,6 @@ from fluidsrv.settings import Settings
 from fluidsrv.stages import PluginContext, Progress
 from fluidsrv.student import Student, StudentConfig, StudentError, load_student, save_student
 from fluidsrv.weights import save_generator
-from plugins.preview_student import StudentPreviewer
 
 
 def drain(job: Iterator[Progress]) -> tuple[list[Progress], Any]:
@@ -163,6 +163,13 @@ def test_previewer_suits_only_the_generator_its_file_was_made_for(tmp_path: Path
     fallback = previewer.restore(generator, {})  # prepared by another previewer: the generator's own renders
     with torch.inference_mode():
         assert torch.equal(fallback.render(ws), generator.synthesis(ws, noise_mode="const"))
+    retrained = tiny_student(generator)
+    with torch.no_grad():
+        retrained.autoencoder.decoder.to_rgb.bias.add_(0.5)
+    save_student(retrained, path, generator)  # the file was replaced after the session was tuned
+    replaced = StudentPreviewer(context(tmp_path, student=str(path))).restore(generator, renderer.state_dict())
+    with torch.inference_mode():
+        assert torch.equal(replaced.render(ws), generator.synthesis(ws, noise_mode="const"))
     wider = build_random_generator(random_generator_config(64))
     with pytest.raises(ValueError, match="no student edits"):
         previewer.student_for(wider)

@@ -6,8 +6,8 @@ One step trains the autoencoder and the modulator together:
    generator's sliders (the direction sources' Δws at full strength, at uniform random strengths); the frozen
    generator renders ``x0 = G(ws)`` and ``x1 = G(ws + Δw)``;
 2. **reconstruction**: the autoencoder reproduces ``x0`` and a batch of real faces (the train split of
-   ``../shared/data``, mirrored): L1 + the perceptual distance (LPIPS-VGG when its weights are cached, plus the
-   weight-free Laplacian pyramid distance);
+   ``../shared/data``, mirrored; only for students of at most 128², the shards' side): L1 + the perceptual
+   distance (LPIPS-VGG when its weights are cached, else the weight-free Laplacian pyramid distance);
 3. **edit**: ``decode(modulate(encode(x0), Δw, w))`` must draw ``x1`` (L1 + perceptual), its change from the
    reconstruction must be ``x1 − x0`` (L1), and the modulated code must be ``encode(x1)`` (mean squared error,
    against a detached target);
@@ -85,8 +85,10 @@ class StudentTrainer:
         torch.manual_seed(config.seed)
         self.student = Student(student_config_for(generator)).to(device)
         self.student.w_avg.copy_(generator.w_avg.detach())
-        scale = 1.0 / float(edits.reshape(len(edits), -1).norm(dim=1).mean().clamp(min=1e-6)) * edits[0].numel() ** 0.5
-        self.student.modulator.delta_scale.fill_(scale if len(edits) else 1.0)
+        if len(edits) == 0:
+            raise ValueError("no sliders for this generator: the student learns the sliders' edits")
+        typical = float(edits.reshape(len(edits), -1).norm(dim=1).mean().clamp(min=1e-6))  # a slider's |Δws|
+        self.student.modulator.delta_scale.fill_(edits[0].numel() ** 0.5 / typical)  # elements of order 1
         side = max(8, self.student.side // 2)
         widths = {s: min(128, max(16, 1024 // s)) for s in (2**i for i in range(2, side.bit_length()))}
         config_d = DiscriminatorConfig(resolution=side, channels=widths, stddev_group=2)
@@ -209,8 +211,10 @@ def train_student(generator_path: Path, data_dir: Path | None, out: Path, minute
     if resume and state_path.is_file():
         trainer.load(torch.load(state_path, map_location=device, weights_only=True))
     real_stream = None
-    if data_dir is not None and config.real_batch > 0:
-        side = min(128, trainer.student.config.autoencoder.resolution)
+    side = trainer.student.config.autoencoder.resolution
+    if data_dir is not None and config.real_batch > 0 and side > 128:
+        log.info("the shards hold 128² faces: a %d² student trains on the generator's renders only", side)
+    elif data_dir is not None and config.real_batch > 0:
         dataset = FaceShardDataset(data_dir, "train", resolution=side, xflip=True, limit=limit)
         real_stream = BatchStream(dataset, config.real_batch, device, seed=config.seed)
     started = time.monotonic()
