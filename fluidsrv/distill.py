@@ -228,7 +228,7 @@ def distill(student: Student, generator: Generator, ws: torch.Tensor, edits: tor
         # the total the budget allows at the pace so far (the progress bar's length)
         total = step if done else min(config.max_steps, max(step + 1, config.min_steps,
                                                              round(config.seconds * step / max(own, 1e-6))))
-        yield Progress("distill", step, total, f"student: step {step}, change error {float(change_error):.5f}")
+        yield Progress("distill", step, total, f"student: step {step}, change error {float(change_error.detach()):.5f}")
         if done:
             break
 

@@ -7,14 +7,15 @@ renders with the fine-tuned generator. See :mod:`fluidsrv.distill` for what a se
 anchored on the generator's exact render of the face.
 
 Which weights: the ``student`` option when set (a file written by ``fluidsrv train student``), else every file that
-exists among the embedded ``weights/student-128.safetensors`` and the weights cache's ``student-ffhq-1024``. The
-first whose modulator edits the generator's ``[num_ws, w_dim]`` codes is used. :meth:`StudentPreviewer.suits` also
-requires the file's recorded generator fingerprint to match (``previewer=auto`` picks the student only then).
+exists among the embedded ``weights/student-128.safetensors`` and the weights cache's
+``student-ffhq-1024.safetensors`` (one you train: it has no manifest entry). The first whose modulator edits the
+generator's ``[num_ws, w_dim]`` codes is used. :meth:`StudentPreviewer.suits` also requires the file's recorded generator fingerprint to match (``previewer=auto`` picks the student only then).
 ``untrained=true`` builds a random student for any generator (for timing and tests: its previews are noise).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from pathlib import Path
@@ -33,7 +34,7 @@ from fluidsrv.weights_manager import WeightsManager
 log = logging.getLogger(__name__)
 
 EMBEDDED_STUDENT = "student-128"  # manifest names
-FFHQ_STUDENT = "student-ffhq-1024"
+FFHQ_STUDENT_FILE = "student-ffhq-1024.safetensors"  # in the weights cache
 _TRUE = {"1", "true", "yes", "on"}
 
 
@@ -44,14 +45,10 @@ def candidate_files(context: PluginContext) -> list[Path]:
         return [Path(str(explicit)).expanduser()]
     manager = WeightsManager.from_context(context)
     found = []
-    for name in (EMBEDDED_STUDENT, FFHQ_STUDENT):
-        try:
-            path = manager.path_for(name)
-        except WeightsError:
-            continue
-        if path.is_file():
-            found.append(path)
-    return found
+    with contextlib.suppress(WeightsError):
+        found.append(manager.path_for(EMBEDDED_STUDENT))
+    found.append(Path(context.cache_dir) / FFHQ_STUDENT_FILE)  # one you train: no manifest entry, no download
+    return [path for path in found if path.is_file()]
 
 
 def distill_config(context: PluginContext) -> DistillConfig:
