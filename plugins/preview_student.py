@@ -9,7 +9,8 @@ anchored on the generator's exact render of the face.
 Which weights: the ``student`` option when set (a file written by ``fluidsrv train student``), else every file that
 exists among the embedded ``weights/student-128.safetensors`` and the weights cache's
 ``student-ffhq-1024.safetensors`` (one you train: it has no manifest entry). The first whose modulator edits the
-generator's ``[num_ws, w_dim]`` codes is used. :meth:`StudentPreviewer.suits` also requires the file's recorded generator fingerprint to match (``previewer=auto`` picks the student only then).
+generator's ``[num_ws, w_dim]`` codes is used. :meth:`StudentPreviewer.suits` also requires the file's recorded
+generator fingerprint to match (``previewer=auto`` picks the student only then).
 ``untrained=true`` builds a random student for any generator (for timing and tests: its previews are noise).
 """
 
