@@ -66,6 +66,16 @@ def tiny() -> Generator:
 
 
 @pytest.fixture(scope="module")
+def problem(tiny: Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A reachable target (rendered from one w) and a pivot (another w): (target [1,3,32,32], pivot ws)."""
+    rng = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        target = tiny.synthesis(tiny.mapping(torch.randn(1, 32, generator=rng)))  # [1, 3, 32, 32]
+        pivot = tiny.mapping(torch.randn(1, 32, generator=rng))  # [1, num_ws, w_dim]
+    return target, pivot
+
+
+@pytest.fixture(scope="module")
 def stylegan2_golden(fixtures_dir: Path) -> dict[str, Any]:
     """The small rosinality golden: config, state dict, inputs and reference outputs."""
     data: dict[str, Any] = torch.load(fixtures_dir / "stylegan2_small_golden.pt", weights_only=True)

@@ -25,16 +25,6 @@ from tests.model_support import drain
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def problem(tiny: Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """A reachable target (rendered from one w) and a pivot (another w): (target [1,3,32,32], pivot ws)."""
-    rng = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        target = tiny.synthesis(tiny.mapping(torch.randn(1, 32, generator=rng)))  # [1, 3, 32, 32]
-        pivot = tiny.mapping(torch.randn(1, 32, generator=rng))  # [1, num_ws, w_dim]
-    return target, pivot
-
-
 def snapshot(generator: Generator) -> dict[str, torch.Tensor]:
     return {key: value.clone() for key, value in generator.state_dict().items()}
 
