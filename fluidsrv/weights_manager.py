@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -98,6 +98,18 @@ class WeightsManager:
         entry = self.entry(name)
         folder = self.weights_dir if entry.kind is Kind.EMBEDDED else self.cache_dir
         return folder / entry.file
+
+    def existing_files(self, names: Sequence[str]) -> list[Path]:
+        """The files of the manifest entries ``names`` that are present, in order (names not listed are skipped)."""
+        found = []
+        for name in names:
+            try:
+                path = self.path_for(name)
+            except WeightsError:
+                continue
+            if path.is_file():
+                found.append(path)
+        return found
 
     def missing_reason(self, name: str) -> str | None:
         """Return why ``name``'s file cannot be used yet (for a plugin's ``unavailable``), or None."""

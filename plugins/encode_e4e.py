@@ -68,16 +68,7 @@ def candidate_files(context: PluginContext) -> list[Path]:
     explicit = context.options.get("encoder")
     if explicit:
         return [Path(str(explicit)).expanduser()]
-    manager = WeightsManager.from_context(context)
-    found = []
-    for name in (EMBEDDED_ENCODER, OFFICIAL_ENCODER):
-        try:
-            path = manager.path_for(name)
-        except WeightsError:
-            continue
-        if path.is_file():
-            found.append(path)
-    return found
+    return WeightsManager.from_context(context).existing_files((EMBEDDED_ENCODER, OFFICIAL_ENCODER))
 
 
 def declared_shape(path: Path) -> tuple[int, int] | None:

@@ -16,7 +16,6 @@ generator fingerprint to match (``previewer=auto`` picks the student only then).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 from pathlib import Path
@@ -26,7 +25,6 @@ import torch
 from fluidsrv import hookimpl
 from fluidsrv.distill import DistillConfig, StudentRenderer, distill, is_student_state, restore_renderer
 from fluidsrv.encoder_arch import FINGERPRINT_KEY, generator_fingerprint
-from fluidsrv.manifest import WeightsError
 from fluidsrv.models.stylegan2 import Generator
 from fluidsrv.stages import PluginContext, PluginFactory, Previewer, PreviewRenderer, StepJob
 from fluidsrv.student import Student, StudentError, load_student, read_student_metadata, student_config_for
@@ -44,12 +42,9 @@ def candidate_files(context: PluginContext) -> list[Path]:
     explicit = context.options.get("student")
     if explicit:
         return [Path(str(explicit)).expanduser()]
-    manager = WeightsManager.from_context(context)
-    found = []
-    with contextlib.suppress(WeightsError):
-        found.append(manager.path_for(EMBEDDED_STUDENT))
-    found.append(Path(context.cache_dir) / FFHQ_STUDENT_FILE)  # one you train: no manifest entry, no download
-    return [path for path in found if path.is_file()]
+    found = WeightsManager.from_context(context).existing_files((EMBEDDED_STUDENT,))
+    trained = Path(context.cache_dir) / FFHQ_STUDENT_FILE  # one you train: no manifest entry, no download
+    return [*found, trained] if trained.is_file() else found
 
 
 def distill_config(context: PluginContext) -> DistillConfig:
