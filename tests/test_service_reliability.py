@@ -198,7 +198,7 @@ def test_committed_edits_are_on_disk_before_they_are_acknowledged(
             assert saved["seq"] == 1
             # what the store has on disk now is what a restarted server would read
             store = client.app.state.service.store  # type: ignore[attr-defined]
-            record = store._edits.get(f"session/{created['session_id']}/edit")
+            record = store._storage.read_edit(created["session_id"])
             edit = spill.decode_edit(record, device=torch.device("cpu"), history_limit=100)
             assert edit.sliders == edit.history.committed == {name: 2.0}
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from fluidsrv.backends.local_storage import LocalStorage
 from fluidsrv.geometry import Alignment, align_face
 from fluidsrv.image_io import ImageMetadata
 from fluidsrv.session import (
@@ -413,7 +414,7 @@ def test_the_spill_cache_never_unpickles(tmp_path: Path) -> None:
     session, token = filled_session(store, 1)
     store.close()
     with pytest.raises(TypeError):
-        SessionStore(tmp_path)._cache.set("session/x/meta", {"not": "bytes"})
+        LocalStorage(tmp_path)._parts.set("session/x/meta", {"not": "bytes"})
 
     foreign = diskcache.Cache(str(tmp_path / "sessions"))  # a plain cache pickles whatever it is given
     foreign.set(f"session/{session.id}/meta", _Exploit())
@@ -780,7 +781,7 @@ def test_an_unreadable_edit_record_costs_only_the_edits_since_the_last_spill(tmp
     spilled = dict(session.edit.sliders)
     session.edit.set_sliders({"age": 4.0})
     store.record_edit(session.id, session.edit.snapshot())
-    store._edits.set(f"session/{session.id}/edit", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}", retry=True)
+    store._storage.write_edit(session.id, 10**9, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
     restored = SessionStore(tmp_path).get(session.id, token)  # the session survives, with its spilled edit state
     assert restored.edit.sliders == spilled
     store.close()

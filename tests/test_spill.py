@@ -20,9 +20,9 @@ import safetensors.numpy
 import safetensors.torch
 import torch
 
+from fluidsrv.backends.local_storage import _BytesOnlyDisk
 from fluidsrv.image_io import decode_image
 from fluidsrv.session import JobProgress, Session, SessionStore, Status, UnknownSessionError, spill
-from fluidsrv.session.store import _BytesOnlyDisk
 from tests.test_sessions import FakeClock, assert_same
 
 V1 = Path(__file__).resolve().parent / "fixtures" / "spill-v1"

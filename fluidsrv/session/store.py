@@ -6,9 +6,10 @@
   and message, so that nobody learns which session ids exist), too many sessions :class:`TooManySessionsError`
   (429);
 - the tensors held by in-memory sessions are kept under a byte budget (and their host arrays under another):
-  least-recently-used sessions spill to a ``diskcache.Cache`` under ``data_dir`` (in the codec of
+  least-recently-used sessions spill to the store's :class:`~fluidsrv.backends.storage.SessionStorage` (files
+  under ``data_dir`` by default, PostgreSQL + S3 for the scale-out backend; in the codec of
   :mod:`fluidsrv.session.spill`) and come back transparently on the next ``get``; a new store on the same
-  directory finds every session written there (``close()`` writes all in-memory sessions, so a restarted
+  storage finds every session written there (``close()`` writes all in-memory sessions, so a restarted
   server restores them);
 - edits are durable: :meth:`SessionStore.record_edit` writes a session's edit state (sliders, undo history,
   added directions) through to disk as a small record in a database of its own (``data_dir/edits``: SQLite WAL,
@@ -38,11 +39,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import diskcache
 import torch
 
+from fluidsrv.backends.local_storage import LocalStorage
+from fluidsrv.backends.storage import SessionStorage, StoredSession
 from fluidsrv.errors import UserError
 from fluidsrv.session import spill
 from fluidsrv.session.model import EditState, Session, SliderHistory, Upload
@@ -110,34 +111,6 @@ class _DiskEntry:
     last_used: float
 
 
-class _BytesOnlyDisk(diskcache.Disk):
-    """A diskcache serializer that stores and loads only str keys and bytes values, never pickles."""
-
-    def put(self, key: Any) -> Any:
-        """Serialize a key (str only)."""
-        if type(key) is not str:
-            raise TypeError("session cache keys must be str")
-        return super().put(key)
-
-    def get(self, key: Any, raw: bool) -> Any:
-        """Deserialize a key; a pickled (foreign) key is never unpickled and reads as None."""
-        if not raw:
-            return None
-        return super().get(key, raw)
-
-    def store(self, value: Any, read: bool, key: Any = diskcache.core.UNKNOWN) -> Any:
-        """Serialize a value (bytes only)."""
-        if type(value) is not bytes:
-            raise TypeError("session cache values must be bytes")
-        return super().store(value, read, key=key)
-
-    def fetch(self, mode: int, filename: Any, value: Any, read: bool) -> Any:
-        """Deserialize a value, refusing pickled ones."""
-        if mode not in (diskcache.core.MODE_RAW, diskcache.core.MODE_BINARY):
-            raise ValueError("refusing to load a session cache value that is not raw bytes")
-        return super().fetch(mode, filename, value, read)
-
-
 def token_digest(token: str) -> str:
     """Return the SHA-256 hex digest under which a token is kept."""
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
@@ -157,6 +130,7 @@ class SessionStore:
         max_sessions: int = 64,
         history_limit: int = 100,
         clock: Callable[[], float] = time.time,
+        storage: SessionStorage | None = None,
     ) -> None:
         assert memory_budget_bytes >= 0 and ttl_seconds > 0 and max_sessions > 0 and history_limit > 0
         self.data_dir = Path(data_dir)
@@ -179,11 +153,7 @@ class SessionStore:
         self._closed = False
         self._edit_lock = threading.Lock()  # edit records are written without the store lock, never behind a spill
         self._edit_revisions: dict[str, int] = {}  # newest edit revision on disk, per session
-        self._cache = diskcache.Cache(
-            str(self.data_dir / "sessions"), disk=_BytesOnlyDisk, eviction_policy="none", size_limit=2**62)
-        self._edits = diskcache.Cache(  # FULL: a recorded edit survives a power cut, not only a killed process
-            str(self.data_dir / "edits"), disk=_BytesOnlyDisk, eviction_policy="none", size_limit=2**62,
-            sqlite_synchronous=2, disk_min_file_size=EDIT_RECORD_INLINE_BYTES)
+        self._storage: SessionStorage = storage if storage is not None else LocalStorage(self.data_dir)
         self._load_index()
         self.expire()
 
@@ -280,7 +250,7 @@ class SessionStore:
                 raise UnknownSessionError("this session no longer exists")
             if edit.revision < self._edit_revisions.get(session_id, -1):
                 return  # a newer state is on disk already
-            self._edits.set(_key(session_id, "edit"), record, retry=True)
+            self._storage.write_edit(session_id, edit.revision, record)
             self._edit_revisions[session_id] = edit.revision
 
     def delete(self, session_id: str, token: str) -> None:
@@ -302,8 +272,7 @@ class SessionStore:
                     logger.exception("session %s could not be written on close", session.id)
             with self._edit_lock:
                 self._closed = True
-                self._edits.close()
-            self._cache.close()
+            self._storage.close()
 
     # ---- pinning, eviction, expiry -------------------------------------------------------------------
 
@@ -391,7 +360,7 @@ class SessionStore:
                 host_bytes=sum(session.host_bytes() for session in self._live.values()),
                 host_budget_bytes=self.host_budget_bytes,
                 spills=self._counters["spills"], restores=self._counters["restores"],
-                expired=self._counters["expired"], disk_bytes=0 if self._closed else int(self._cache.volume()))
+                expired=self._counters["expired"], disk_bytes=0 if self._closed else self._storage.volume())
 
     # ---- internals (callers hold self._lock) ------------------------------------------------------------
 
@@ -458,10 +427,11 @@ class SessionStore:
     def _restore(self, session_id: str) -> Session:
         """Read a spilled session back into memory (tensors onto the store's device)."""
         try:
-            blobs = [self._cache.get(_key(session_id, part)) for part in _PARTS]
-            if any(blob is None for blob in blobs):
+            stored = self._storage.read(session_id)
+            if stored is None:
                 raise ValueError("incomplete entry")
-            session = spill.decode(*blobs, device=self.device, history_limit=self.history_limit)
+            session = spill.decode(stored.meta, stored.arrays, stored.tensors, device=self.device,
+                                   history_limit=self.history_limit)
             self._take_newer_edit(session)
         except Exception as error:
             logger.exception("session %s on disk is unreadable; deleting it", session_id)
@@ -474,7 +444,7 @@ class SessionStore:
 
     def _take_newer_edit(self, session: Session) -> None:
         """Replace a restored session's edit state by its edit record when the record is newer."""
-        record = self._edits.get(_key(session.id, "edit"))
+        record = self._storage.read_edit(session.id)
         if record is None:
             return
         try:
@@ -489,10 +459,7 @@ class SessionStore:
             meta, arrays, tensors = spill.encode(session)
         except Exception as error:
             raise SessionStateError(f"session {session.id} holds state that cannot be written: {error}") from error
-        with self._cache.transact(retry=True):
-            self._cache.set(_key(session.id, "arrays"), arrays, retry=True)
-            self._cache.set(_key(session.id, "tensors"), tensors, retry=True)
-            self._cache.set(_key(session.id, "meta"), meta, retry=True)
+        self._storage.write(session.id, StoredSession(meta=meta, arrays=arrays, tensors=tensors))
 
     def _remove(self, session_id: str) -> None:
         """Forget a session everywhere: memory, index, pins and every disk entry."""
@@ -503,24 +470,15 @@ class SessionStore:
             self._pins.pop(session_id, None)
         with self._edit_lock:
             self._edit_revisions.pop(session_id, None)
-            self._edits.delete(_key(session_id, "edit"), retry=True)
-        with self._cache.transact(retry=True):
-            for part in _PARTS:
-                self._cache.delete(_key(session_id, part), retry=True)
+        self._storage.remove(session_id)
 
     def _load_index(self) -> None:
         """Find the sessions a previous store wrote; drop unreadable or partial entries."""
-        parts: dict[str, set[str]] = {}
-        for key in list(self._cache.iterkeys()):
-            if not isinstance(key, str) or not key.startswith("session/"):
-                continue  # not ours (we never write such keys): leave it alone, never load it
-            session_id, _, part = str(key).removeprefix("session/").partition("/")
-            parts.setdefault(session_id, set()).add(part)
-        for session_id, found in parts.items():
+        for session_id, meta_bytes in list(self._storage.scan()):
             try:
-                if not _SESSION_ID.fullmatch(session_id) or not found.issuperset(_PARTS):
-                    raise ValueError(f"incomplete entry with parts {sorted(found)}")
-                meta = spill.header(self._cache.get(_key(session_id, "meta")))
+                if not _SESSION_ID.fullmatch(session_id) or meta_bytes is None:
+                    raise ValueError("incomplete entry")
+                meta = spill.header(meta_bytes)
                 if meta["id"] != session_id:
                     raise ValueError("the entry names another session")
                 self._on_disk[session_id] = _DiskEntry(
@@ -529,19 +487,7 @@ class SessionStore:
             except Exception:
                 logger.warning("discarding unreadable session entry %r in %s", session_id, self.data_dir,
                                exc_info=True)
-                with self._cache.transact(retry=True):
-                    for part in found:
-                        self._cache.delete(f"session/{session_id}/{part}", retry=True)
-        for key in list(self._edits.iterkeys()):  # a record outlives its session only if a delete was cut short
-            owner = str(key).removeprefix("session/").partition("/")[0]
-            if isinstance(key, str) and key.startswith("session/") and owner not in self._digests:
-                self._edits.delete(key, retry=True)
-
-
-_PARTS = ("meta", "arrays", "tensors")
-EDIT_RECORD_INLINE_BYTES = 64 * 1024**2
-"""Edit records below this size live inside the SQLite file (fsync'd with it), never as separate files."""
-
-
-def _key(session_id: str, part: str) -> str:
-    return f"session/{session_id}/{part}"
+                self._storage.remove(session_id)
+        for owner in list(self._storage.edit_owners()):  # a record outlives its session only if a delete was cut short
+            if owner not in self._digests:
+                self._storage.remove(owner)
