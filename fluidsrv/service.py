@@ -22,11 +22,16 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Literal
+
+import torch
 
 from fluidsrv import pipeline
 from fluidsrv.admission import AdmissionQueue
+from fluidsrv.backends import open_storage
+from fluidsrv.backends.local import LocalStages
+from fluidsrv.backends.stages import StageBackend
 from fluidsrv.convert import encode_preview
 from fluidsrv.decode_budget import ClientPixelBudget, PixelBudget, probe_pixels
 from fluidsrv.errors import UserError
@@ -41,7 +46,7 @@ from fluidsrv.events import (
     Subscriptions,
 )
 from fluidsrv.executor import SUPERSEDED, ExecutorError, GpuExecutor, Priority
-from fluidsrv.image_io import DecodedImage, decode_image, encode_image, face_thumbnail
+from fluidsrv.image_io import encode_image, face_thumbnail
 from fluidsrv.latent_tools import LatentTools
 from fluidsrv.plugins import PluginError, PluginInfo
 from fluidsrv.runtime import Runtime
@@ -85,11 +90,12 @@ class EditService(SessionDirections, LatentTools):
     """The use cases of the product over one runtime, one session store and one device executor."""
 
     def __init__(self, runtime: Runtime, store: SessionStore, executor: GpuExecutor,
-                 settings: Settings | None = None) -> None:
+                 settings: Settings | None = None, stages: StageBackend | None = None) -> None:
         self.runtime = runtime
         self.settings: Settings = settings or runtime.settings  # the server's limits (models: runtime.settings)
         self.store = store
-        self.executor = executor
+        self.executor = executor  # this process's device work: the local stages' and the latent tools'
+        self.stages: StageBackend = stages if stages is not None else LocalStages(runtime, executor)
         self._jobs: dict[str, asyncio.Task[Any]] = {}
         self._latest_progress: dict[str, ProgressEvent] = {}
         self._subscriptions = Subscriptions(self._on_last_subscriber_left)
@@ -106,17 +112,25 @@ class EditService(SessionDirections, LatentTools):
     # ---- lifecycle -----------------------------------------------------------------------------------------
 
     @classmethod
-    async def start(cls, settings: Settings, runtime: Runtime | None = None) -> EditService:
-        """Load the runtime (unless given), open the session store and start the device executor."""
+    async def start(cls, settings: Settings, runtime: Runtime | None = None,
+                    stages: Callable[[Runtime, GpuExecutor], StageBackend] | None = None) -> EditService:
+        """Load the runtime (unless given), open the session store and start the device executor.
+
+        ``stages`` builds where the stages run (default: :class:`~fluidsrv.backends.local.LocalStages` in this
+        process); sessions are stored where the settings say (:func:`fluidsrv.backends.open_storage`).
+        """
         loaded = runtime if runtime is not None else await asyncio.to_thread(Runtime.build, settings)
-        store = SessionStore(
-            settings.data_dir, device=loaded.device, memory_budget_bytes=settings.session_memory_budget_bytes,
-            host_budget_bytes=settings.session_host_budget_bytes, ttl_seconds=settings.session_ttl_seconds,
-            max_sessions=settings.max_sessions)
+        storage = await asyncio.to_thread(open_storage, settings)
+        store = await asyncio.to_thread(
+            functools.partial(
+                SessionStore, settings.data_dir, device=loaded.device, storage=storage,
+                memory_budget_bytes=settings.session_memory_budget_bytes,
+                host_budget_bytes=settings.session_host_budget_bytes, ttl_seconds=settings.session_ttl_seconds,
+                max_sessions=settings.max_sessions))
         executor = GpuExecutor(loaded.device, on_out_of_memory=functools.partial(_free_memory, loaded, store),
                                long_job_share=settings.long_job_share)
         executor.start()
-        service = cls(loaded, store, executor, settings)
+        service = cls(loaded, store, executor, settings, stages(loaded, executor) if stages is not None else None)
         service._expiry = asyncio.create_task(service._expire_periodically())
         return service
 
@@ -129,6 +143,7 @@ class EditService(SessionDirections, LatentTools):
             timer.cancel()
         for job in list(self._jobs.values()):
             job.cancel()
+        await self.stages.close()
         await self.executor.shutdown()
         await asyncio.to_thread(self.store.close)
 
@@ -214,19 +229,9 @@ class EditService(SessionDirections, LatentTools):
             if wait > 0:
                 raise UserError(f"this address has had too many pixels decoded this minute; try again in "
                                 f"{math.ceil(wait)} s", status=429, code="decode_budget")
-        detector = self.runtime.stage("detector")
-
-        def decode_and_detect() -> tuple[DecodedImage, tuple[Face, ...]]:
-            decoded = decode_image(data, max_pixels=settings.max_pixels, max_bytes=settings.max_upload_bytes)
-            return decoded, pipeline.detect_faces(detector, decoded.pixels)
-
-        async with self._decoding.reserve(pixels):
-            work = asyncio.ensure_future(asyncio.to_thread(decode_and_detect))
-            try:
-                decoded, faces = await asyncio.shield(work)
-            except asyncio.CancelledError:  # the pixels stay reserved until the thread lets go of them
-                await asyncio.wait({work})
-                raise
+        async with self._decoding.reserve(pixels):  # held until the decode has let go of the pixels
+            decoded, faces = await self.stages.detect(data, max_pixels=settings.max_pixels,
+                                                      max_bytes=settings.max_upload_bytes)
         if not faces:
             raise UserError("no face was found in this photo; try a photo where a face is clearly visible",
                             status=422, code="no_face")
@@ -281,7 +286,7 @@ class EditService(SessionDirections, LatentTools):
             if self._sockets[session.id] <= 0:
                 del self._sockets[session.id]
                 self._preview_origins.pop(session.id, None)
-                self.executor.cancel_previews(session.id)
+                self.stages.cancel_previews(session.id)
 
         return release
 
@@ -296,7 +301,8 @@ class EditService(SessionDirections, LatentTools):
 
     def _forget(self, session_id: str) -> None:
         """Drop what the service holds for a session that is gone: its device work, timer, models, preview slot."""
-        self.executor.cancel_owner(session_id)
+        self.stages.forget(session_id)
+        self.executor.cancel_owner(session_id)  # the latent tools' jobs
         self._forget_abandon_timer(session_id)
         self.runtime.tuned.forget(session_id)
         self._preview_origins.pop(session_id, None)
@@ -345,10 +351,7 @@ class EditService(SessionDirections, LatentTools):
             try:
                 async with self._admission.admit(functools.partial(self._report_place, session)):
                     self._leave_line(session)
-                    stages = self.runtime.stages()
-                    made = await self.executor.run_job(
-                        lambda: pipeline.prepare(stages, upload.pixels, upload.faces, face_index, version=version),
-                        priority=Priority.ENCODE, owner=session.id, on_progress=forward)
+                    prepared = await self.stages.prepare(session.id, upload, face_index, version, forward)
             except asyncio.CancelledError:
                 session.move_to(Status.INTERRUPTED if self._closing else Status.CANCELLED)
                 return
@@ -361,8 +364,7 @@ class EditService(SessionDirections, LatentTools):
                 self._jobs.pop(session.id, None)
                 self._forget_abandon_timer(session.id)
                 self._latest_progress.pop(session.id, None)
-            self.runtime.tuned.put(session.id, version, made.generator, made.renderer)
-            session.prepared = made.prepared
+            session.prepared = prepared
             session.edit.reset()
             session.result = None
             session.move_to(Status.READY)
@@ -445,13 +447,11 @@ class EditService(SessionDirections, LatentTools):
         runtime, session_id = self.runtime, session.id
         directions, side = self.session_directions(session), pipeline.frame_side(prepared)
 
-        def render(state: dict[str, float]) -> Any:
-            _, renderer = runtime.session_models(session_id, prepared)
-            ws = pipeline.edited_ws(prepared.ws, directions, state, runtime.spread)
-            return pipeline.render_preview(renderer, ws, side)
+        def edited_ws(state: Mapping[str, float]) -> torch.Tensor:
+            return pipeline.edited_ws(prepared.ws, directions, dict(state), runtime.spread)
 
         self._preview_origins[session_id] = origin
-        frame = await self.executor.submit_preview(session_id, values, render)
+        frame = await self.stages.preview(session_id, prepared, values, edited_ws, side)
         if frame is SUPERSEDED:
             if self._preview_origins.get(session_id, origin) != origin:
                 raise UserError("a newer slider state from another connection of this session replaced this one",
@@ -481,15 +481,10 @@ class EditService(SessionDirections, LatentTools):
         forward = self._progress_handler(session)
         with self.store.pinned(session):
             try:
-                stages = runtime.stages()
+                def edited_ws(state: Mapping[str, float]) -> torch.Tensor:
+                    return pipeline.edited_ws(prepared.ws, directions, dict(state), runtime.spread)
 
-                def job() -> Any:
-                    generator, _ = runtime.session_models(session.id, prepared)
-                    ws = pipeline.edited_ws(prepared.ws, directions, sliders, runtime.spread)
-                    return pipeline.render_final(stages, generator, prepared, ws)
-
-                renders = await self.executor.run_job(job, priority=Priority.FINALIZE, owner=session.id,
-                                                      on_progress=forward)
+                renders = await self.stages.finalize(session.id, prepared, sliders, edited_ws, forward)
                 photo = await asyncio.to_thread(pipeline.lay_into_photo, session.upload.pixels, prepared, renders)
                 forward(Progress("finalize", 2, 3, "laid into the photo"))
                 result = await asyncio.to_thread(pipeline.encode_result, photo, session.upload.metadata)
@@ -553,7 +548,8 @@ class EditService(SessionDirections, LatentTools):
                     "waiting": self._decoding.waiting, "budget_pixels": self._decoding.total}
         prepares = {"running": self._admission.running, "waiting": self._admission.waiting}
         return {"executor": vars(self.executor.stats()), "sessions": vars(self.store.stats()), "decoding": decoding,
-                "prepares": prepares, "finetune": self.runtime.finetune_figures()}
+                "prepares": prepares, "finetune": self.runtime.finetune_figures(),
+                "backend": {"name": self.stages.name, **self.stages.stats()}}
 
     async def _expire_periodically(self) -> None:
         while True:

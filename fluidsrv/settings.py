@@ -85,10 +85,22 @@ class Settings:
     client_pixels_per_minute: int = 250_000_000
     # addresses (comma-separated IPs or CIDRs) whose X-Forwarded-For / -Proto are believed; empty = none
     forwarded_allow_ips: str = ""
+    # where the stages run: "local" (this process) or "ray" (Ray Serve deployments; see docs/scale-out.md)
+    backend: str = "local"
+    ray_address: str = ""  # the Ray cluster to join ("ray://HOST:10001", "auto"); empty = start a local one
+    ray_config: Path | None = None  # YAML of each deployment's replicas / autoscaling / actor options
+    # where sessions are stored: files under data_dir, unless a database is set, then PostgreSQL (small records)
+    # and S3-compatible object storage (large parts); the ray backend needs them, so every replica sees the same
+    database_url: str = ""  # postgresql://USER:PASSWORD@HOST:PORT/DB
+    s3_endpoint: str = ""  # http://HOST:PORT of the S3 server; empty = AWS
+    s3_bucket: str = "fluidsrv"
+    s3_region: str = "us-east-1"
+    s3_access_key: str = ""  # empty: boto3's own credential chain (AWS_ACCESS_KEY_ID, ...)
+    s3_secret_key: str = ""
 
     def __post_init__(self) -> None:
         choices = {"finetune": ("lowrank", "full", "none"), "photo_detail": ("transfer", "replace"),
-                   "inference_precision": ("auto", "bf16", "fp16", "fp32")}
+                   "inference_precision": ("auto", "bf16", "fp16", "fp32"), "backend": ("local", "ray")}
         for name, allowed in choices.items():
             value = getattr(self, name)
             if value not in allowed:
@@ -102,6 +114,9 @@ class Settings:
             raise SettingsError("FLUIDSRV_PREPARE_GRACE_SECONDS must not be negative")
         if self.prepare_seconds < 0 or self.finetune_steps < 0:
             raise SettingsError("FLUIDSRV_PREPARE_SECONDS and FLUIDSRV_FINETUNE_STEPS must not be negative")
+        if self.backend == "ray" and not self.database_url:
+            raise SettingsError("the ray backend keeps sessions in PostgreSQL and S3, so that every replica sees "
+                                "them: set FLUIDSRV_DATABASE_URL and FLUIDSRV_S3_ENDPOINT / FLUIDSRV_S3_BUCKET")
         if not 0.0 < self.long_job_share < 1.0:
             raise SettingsError(f"FLUIDSRV_LONG_JOB_SHARE must be between 0 and 1, not {self.long_job_share!r}")
 
