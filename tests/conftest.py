@@ -12,6 +12,7 @@ import torch
 
 from fluidsrv.models.stylegan2 import Generator
 from tests.model_support import FACE_SHARD, TINY_GENERATOR, build_golden_generator, generator_with_w_avg
+from tests.real_servers import postgres_url, s3_server  # noqa: F401  (fixtures: PostgreSQL, S3)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
