@@ -379,12 +379,17 @@ class Runtime:
         cached = self.tuned.get(session_id, prepared.version)
         if cached is not None:
             return cached
+        generator, renderer = self.build_session_models(prepared)
+        self.tuned.put(session_id, prepared.version, generator, renderer)
+        return generator, renderer
+
+    def build_session_models(self, prepared: Prepared) -> tuple[Generator, PreviewRenderer]:
+        """Build a prepared face's tuned generator and preview renderer (device work; not cached)."""
         from fluidsrv.pti import apply_delta
 
         delta = dict(prepared.generator_delta)
         generator = apply_delta(self.generator, delta) if delta else self.generator
         renderer = self.stage("previewer").restore(generator, dict(prepared.student_state))
-        self.tuned.put(session_id, prepared.version, generator, renderer)
         return generator, renderer
 
     def describe(self) -> dict[str, Any]:

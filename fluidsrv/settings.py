@@ -114,9 +114,9 @@ class Settings:
             raise SettingsError("FLUIDSRV_PREPARE_GRACE_SECONDS must not be negative")
         if self.prepare_seconds < 0 or self.finetune_steps < 0:
             raise SettingsError("FLUIDSRV_PREPARE_SECONDS and FLUIDSRV_FINETUNE_STEPS must not be negative")
-        if self.backend == "ray" and not self.database_url:
-            raise SettingsError("the ray backend keeps sessions in PostgreSQL and S3, so that every replica sees "
-                                "them: set FLUIDSRV_DATABASE_URL and FLUIDSRV_S3_ENDPOINT / FLUIDSRV_S3_BUCKET")
+        if self.backend == "ray" and self.ray_address and not self.database_url:
+            raise SettingsError("on a Ray cluster sessions live in PostgreSQL and S3, so that every node sees them: "
+                                "set FLUIDSRV_DATABASE_URL and FLUIDSRV_S3_ENDPOINT / FLUIDSRV_S3_BUCKET")
         if not 0.0 < self.long_job_share < 1.0:
             raise SettingsError(f"FLUIDSRV_LONG_JOB_SHARE must be between 0 and 1, not {self.long_job_share!r}")
 

@@ -19,6 +19,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--port", type=int, help="port to listen on (default 8000)")
     parser.add_argument("--device", help='"auto", "cpu" or a CUDA device such as "cuda:0"')
     parser.add_argument("--generator", help='"embedded" or a path to a generator checkpoint')
+    parser.add_argument("--backend", choices=("local", "ray"),
+                        help="where the stages run: in this process (default) or on Ray Serve (docs/scale-out.md)")
+    parser.add_argument("--address", help="the Ray cluster to join with --backend ray (default: start a local one)")
     parser.set_defaults(handler=run)
 
 
@@ -72,8 +75,21 @@ def run(args: argparse.Namespace) -> int:
 
     from fluidsrv.logs import install_redaction
 
-    settings = Settings.from_env(host=args.host, port=args.port, device=args.device, generator=args.generator)
+    settings = Settings.from_env(host=args.host, port=args.port, device=args.device, generator=args.generator,
+                                 backend=args.backend, ray_address=args.address)
+    if settings.backend == "ray":
+        return _run_on_ray(settings)
     config = build_config(settings)
     install_redaction()  # uvicorn.Config has configured its loggers: the filter goes on their handlers now
     uvicorn.Server(config).run()
+    return 0
+
+
+def _run_on_ray(settings: Settings) -> int:
+    """Run the application on Ray Serve until interrupted."""
+    try:
+        from fluidsrv.cli import serve_ray
+    except ImportError as error:
+        raise SettingsError(f"--backend ray needs the scaleout extra (scripts/setup scaleout): {error}") from None
+    serve_ray.serve_until_interrupted(settings)
     return 0

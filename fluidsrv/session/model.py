@@ -8,6 +8,7 @@ transitions in :data:`TRANSITIONS`; only :meth:`Session.move_to` changes it.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 from collections.abc import Mapping
@@ -105,6 +106,13 @@ class Prepared:
         named.update({f"generator_delta/{key}": value for key, value in self.generator_delta.items()})
         named.update({f"student_state/{key}": value for key, value in self.student_state.items()})
         return named
+
+    def on(self, device: torch.device | str) -> Prepared:
+        """This prepared face with its tensors on ``device`` (e.g. "cpu" before it crosses processes)."""
+        return dataclasses.replace(
+            self, w=self.w.to(device), ws=self.ws.to(device),
+            generator_delta={key: value.to(device) for key, value in self.generator_delta.items()},
+            student_state={key: value.to(device) for key, value in self.student_state.items()})
 
     def arrays(self) -> list[np.ndarray]:
         """Every host array (for the store's host-memory budget)."""

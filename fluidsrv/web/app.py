@@ -195,13 +195,16 @@ class _App(Starlette):
         return SecurityHeaders(super().build_middleware_stack())
 
 
-def create_app(settings: Settings | None = None, runtime: Any = None) -> Starlette:
-    """Return the fluidsrv web application for ``settings`` (``runtime`` may be prebuilt, e.g. in tests)."""
+def create_app(settings: Settings | None = None, runtime: Any = None, stages: Any = None) -> Starlette:
+    """Return the fluidsrv web application for ``settings`` (``runtime`` may be prebuilt, e.g. in tests).
+
+    ``stages(runtime, executor)`` builds where the service runs its stages (default: in this process).
+    """
     settings = settings or Settings.from_env()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        service = await EditService.start(settings, runtime)
+        service = await EditService.start(settings, runtime, stages)
         app.state.service = service
         try:
             yield

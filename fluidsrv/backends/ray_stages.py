@@ -1,0 +1,228 @@
+"""The stages on Ray Serve, seen from the ingress: each call is a handle call to its deployment.
+
+- **detect** goes to the detect deployment with the upload's bytes;
+- **prepare** streams from the prepare deployment: progress events, then the prepared face (the replica reads the
+  upload from the shared storage; the ingress writes the result, so it stays the one writer of sessions);
+- **preview** goes to the preview deployment with ``multiplexed_model_id = "session_id:version"``, so a session's
+  tuned models stay loaded on one replica; only the edited w+ travels, and the frame comes back as the call's
+  result (no queue on the preview path). Like the local executor, a session has one preview slot: a newer slider
+  state replaces one still waiting, and at most one call per session is in flight;
+- **finalize** goes to the finalize deployment, multiplexed the same way.
+
+A replica that died (killed, out of memory, its node gone) is answered by a retry: the next replica loads the
+session from storage, so the client sees no error and loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+import ray.exceptions
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+
+from fluidsrv.backends.stages import EditedWs
+from fluidsrv.errors import UserError
+from fluidsrv.executor import SUPERSEDED, Superseded
+from fluidsrv.image_io import DecodedImage
+from fluidsrv.pipeline import FinalRenders
+from fluidsrv.session.model import Prepared, Upload
+from fluidsrv.stages import Face, Progress
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+RETRIES = 4  # attempts of a call whose replica died
+RETRY_PAUSE_SECONDS = 0.25  # doubled after each failed attempt
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError, ray.exceptions.RayActorError,
+    DeploymentUnavailableError, BackPressureError)
+"""Errors of the cluster, not of the work: the call is sent again (to another replica)."""
+
+
+@dataclass(frozen=True)
+class StageHandles:
+    """The handles of the four stage deployments."""
+
+    detect: DeploymentHandle
+    prepare: DeploymentHandle
+    preview: DeploymentHandle
+    finalize: DeploymentHandle
+
+
+def model_id(session_id: str, version: int) -> str:
+    """The multiplexed model id of a session's tuned models: changes whenever the face is prepared again."""
+    return f"{session_id}:{version}"
+
+
+class LatestWins:
+    """One session's preview slot: one call in flight, and only the newest waiting state is sent next."""
+
+    def __init__(self) -> None:
+        self._waiting: tuple[Callable[[], Awaitable[Any]], asyncio.Future[Any]] | None = None
+        self._drain: asyncio.Task[None] | None = None
+
+    async def submit(self, call: Callable[[], Awaitable[T]]) -> T | Superseded:
+        """Run ``call`` after the one in flight; SUPERSEDED if a newer call replaced it while it waited."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.drop_waiting()
+        self._waiting = (call, future)
+        if self._drain is None or self._drain.done():
+            self._drain = asyncio.create_task(self._run_waiting())
+        result: T | Superseded = await future
+        return result
+
+    def drop_waiting(self) -> None:
+        """Answer the waiting call (if any) with SUPERSEDED."""
+        if self._waiting is not None:
+            _, future = self._waiting
+            self._waiting = None
+            if not future.done():
+                future.set_result(SUPERSEDED)
+
+    async def _run_waiting(self) -> None:
+        while self._waiting is not None:
+            call, future = self._waiting
+            self._waiting = None
+            if future.done():  # its caller gave up
+                continue
+            try:
+                result = await call()
+            except asyncio.CancelledError:
+                future.cancel()
+                raise
+            except BaseException as error:
+                if not future.done():
+                    future.set_exception(error)
+            else:
+                if not future.done():
+                    future.set_result(result)
+
+
+class RayStages:
+    """:class:`~fluidsrv.backends.stages.StageBackend` over the stage deployments' handles."""
+
+    name = "ray"
+
+    def __init__(self, handles: StageHandles, *, retries: int = RETRIES) -> None:
+        self.handles = handles
+        self.retries = retries
+        self._slots: dict[str, LatestWins] = {}
+        self._counters: Counter[str] = Counter()
+        self._loads: Counter[str] = Counter()  # model loads reported by the replicas, per session version
+
+    async def detect(self, data: bytes, *, max_pixels: int, max_bytes: int) -> tuple[DecodedImage, tuple[Face, ...]]:
+        """Decode and detect on a detect replica."""
+        found: tuple[DecodedImage, tuple[Face, ...]] = await self._call(
+            "detect", lambda: self.handles.detect.detect.remote(data, max_pixels, max_bytes))
+        return found
+
+    async def prepare(self, session_id: str, upload: Upload, face_index: int, version: int,
+                      on_progress: Callable[[Progress], None]) -> Prepared:
+        """Stream the prepare replica's progress to ``on_progress``; return the prepared face (on the CPU)."""
+        stream = self.handles.prepare.options(stream=True).prepare.remote(session_id, face_index, version)
+        assert isinstance(stream, DeploymentResponseGenerator)
+        try:
+            async for kind, payload in stream:
+                if kind == "progress":
+                    on_progress(payload)
+                elif kind == "prepared":
+                    self._counters["prepares"] += 1
+                    assert isinstance(payload, Prepared)
+                    return payload
+        except asyncio.CancelledError:
+            stream.cancel()  # the replica stops the job at its next step
+            raise
+        except TRANSIENT_ERRORS as error:
+            raise UserError(f"the prepare service went away while preparing this face ({type(error).__name__}); "
+                            "pick the face again", status=503, code="stage_unavailable") from None
+        raise UserError("the prepare service ended without a result; pick the face again", status=503,
+                        code="stage_unavailable")
+
+    async def preview(self, session_id: str, prepared: Prepared, values: Mapping[str, float], edited_ws: EditedWs,
+                      side: int) -> np.ndarray | Superseded:
+        """Render on the preview replica that holds the session's models (or loads them)."""
+        slot = self._slots.setdefault(session_id, LatestWins())
+        target = model_id(session_id, prepared.version)
+
+        async def render() -> np.ndarray:
+            ws = edited_ws(values).detach().to("cpu")
+            frame, loaded = await self._call("preview", lambda: self.handles.preview.options(
+                multiplexed_model_id=target).render.remote(ws, side))
+            self._counters["previews"] += 1
+            if loaded:
+                self._loads[target] += 1
+            assert isinstance(frame, np.ndarray)
+            return frame
+
+        return await slot.submit(render)
+
+    async def finalize(self, session_id: str, prepared: Prepared, values: Mapping[str, float], edited_ws: EditedWs,
+                       on_progress: Callable[[Progress], None]) -> FinalRenders:
+        """Render the final face on a finalize replica (multiplexed by session version like previews)."""
+        ws = edited_ws(values).detach().to("cpu")
+        target = model_id(session_id, prepared.version)
+        renders, loaded = await self._call("finalize", lambda: self.handles.finalize.options(
+            multiplexed_model_id=target).finalize.remote(ws))
+        if loaded:
+            self._loads[f"finalize/{target}"] += 1
+        on_progress(Progress("finalize", 1, 3, "rendered"))
+        assert isinstance(renders, FinalRenders)
+        return renders
+
+    def cancel_previews(self, session_id: str) -> None:
+        """Drop the session's waiting preview."""
+        slot = self._slots.get(session_id)
+        if slot is not None:
+            slot.drop_waiting()
+
+    def forget(self, session_id: str) -> None:
+        """Drop the session's preview slot (the replicas' caches let its models go in time)."""
+        slot = self._slots.pop(session_id, None)
+        if slot is not None:
+            slot.drop_waiting()
+
+    def model_loads(self) -> dict[str, int]:
+        """How many times the replicas loaded each session version's models (1 while it stays on one replica)."""
+        return dict(self._loads)
+
+    def stats(self) -> dict[str, object]:
+        """Calls, retries and model loads of the stage deployments."""
+        loads = [count for key, count in self._loads.items() if not key.startswith("finalize/")]
+        return {**self._counters, "preview_model_loads": sum(loads), "preview_session_versions": len(loads)}
+
+    async def close(self) -> None:
+        """Drop every waiting preview."""
+        for slot in self._slots.values():
+            slot.drop_waiting()
+        self._slots.clear()
+
+    async def _call(self, stage: str, send: Callable[[], Any]) -> Any:
+        """Await ``send()``'s response, sending it again (after a pause) when its replica died."""
+        pause = RETRY_PAUSE_SECONDS
+        for attempt in range(1, self.retries + 1):
+            try:
+                return await send()
+            except ray.exceptions.RayTaskError as error:  # the work failed on the replica: its own error
+                cause = error.cause
+                if isinstance(cause, UserError):
+                    raise cause from None
+                raise RuntimeError(f"{stage} failed on its replica: {cause}") from None
+            except TRANSIENT_ERRORS as error:
+                self._counters["retries"] += 1
+                if attempt == self.retries:
+                    log.error("%s: no replica answered after %d attempts: %s", stage, attempt, error)
+                    break
+                log.warning("%s: replica unavailable (%s); trying again in %.2f s", stage, type(error).__name__,
+                            pause)
+                await asyncio.sleep(pause)
+                pause *= 2
+        raise UserError(f"the {stage} service is unavailable right now; try again in a moment", status=503,
+                        code="stage_unavailable")

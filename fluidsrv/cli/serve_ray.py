@@ -1,0 +1,88 @@
+"""The Ray Serve application of ``fluidsrv serve --backend ray``: the ingress and how the deployments are bound.
+
+The ingress is the web application itself (REST + websockets, the same protocol as one box), its service running
+the stages on :class:`~fluidsrv.backends.ray_stages.RayStages`; the stage replicas are in
+:mod:`fluidsrv.backends.ray_replicas`. This module composes the two, as :mod:`fluidsrv.cli.serve` does for one box.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from fluidsrv.backends.ray_replicas import (
+    DetectReplica,
+    FinalizeReplica,
+    PrepareReplica,
+    PreviewReplica,
+    deployment_options,
+    serve_options,
+)
+from fluidsrv.backends.ray_stages import RayStages, StageHandles
+from fluidsrv.settings import Settings
+
+APP_NAME = "fluidsrv"
+
+
+@serve.ingress()
+class IngressReplica:
+    """The web application (REST + websocket), its service on :class:`RayStages` over the stage deployments."""
+
+    def __init__(self, settings: Settings, detect: DeploymentHandle, prepare: DeploymentHandle,
+                 preview: DeploymentHandle, finalize: DeploymentHandle) -> None:
+        logging.basicConfig(level=logging.INFO)
+        self.settings = settings
+        self.handles = StageHandles(detect=detect, prepare=prepare, preview=preview, finalize=finalize)
+
+    def __serve_build_asgi_app__(self) -> Any:
+        """The Starlette app whose service runs its stages on the deployments."""
+        from fluidsrv.web import create_app
+
+        handles = self.handles
+        return create_app(self.settings, stages=lambda runtime, executor: RayStages(handles))
+
+
+def build_application(settings: Settings, options: dict[str, dict[str, Any]] | None = None) -> Any:
+    """The bound Serve application of ``settings``, each deployment with its options."""
+    options = options if options is not None else deployment_options(settings.ray_config)
+
+    def deployment(cls: type, name: str) -> Any:
+        return serve.deployment(cls, name=name, **serve_options(options[name]))
+
+    models = {name: int(options[name].get("models_per_replica", 8)) for name in ("preview", "finalize")}
+    detect = deployment(DetectReplica, "detect").bind(settings)
+    prepare = deployment(PrepareReplica, "prepare").bind(settings)
+    preview = deployment(PreviewReplica, "preview").bind(settings, models["preview"])
+    finalize = deployment(FinalizeReplica, "finalize").bind(settings, models["finalize"])
+    return deployment(IngressReplica, "ingress").bind(settings, detect, prepare, preview, finalize)
+
+
+def start(settings: Settings, options: dict[str, dict[str, Any]] | None = None) -> DeploymentHandle:
+    """Join (or start) the Ray cluster of ``settings``, run the application with its HTTP proxy on host:port."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=settings.ray_address or None, include_dashboard=False, log_to_driver=True)
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    handle: DeploymentHandle = serve.run(build_application(settings, options), name=APP_NAME, route_prefix="/")
+    return handle
+
+
+def stop() -> None:
+    """Delete the application (its replicas stop); the cluster keeps running."""
+    serve.delete(APP_NAME)
+
+
+def serve_until_interrupted(settings: Settings) -> None:
+    """Run the application until Ctrl-C, then delete it (the cluster keeps running)."""
+    start(settings)
+    print(f"fluidsrv is serving on Ray Serve at http://{settings.host}:{settings.port} (Ctrl-C stops it)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        stop()
