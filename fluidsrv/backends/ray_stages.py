@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
+import time
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -117,6 +118,7 @@ class RayStages:
         self._slots: dict[str, LatestWins] = {}
         self._counters: Counter[str] = Counter()
         self._loads: Counter[str] = Counter()  # model loads reported by the replicas, per session version
+        self._preview_seconds: deque[float] = deque(maxlen=512)  # recent preview calls that loaded nothing
 
     async def detect(self, data: bytes, *, max_pixels: int, max_bytes: int) -> tuple[DecodedImage, tuple[Face, ...]]:
         """Decode and detect on a detect replica."""
@@ -154,8 +156,11 @@ class RayStages:
 
         async def render() -> np.ndarray:
             ws = edited_ws(values).detach().to("cpu")
+            started = time.perf_counter()
             frame, loaded = await self._call("preview", lambda: self.handles.preview.options(
                 multiplexed_model_id=target).render.remote(ws, side))
+            if not loaded:
+                self._preview_seconds.append(time.perf_counter() - started)
             self._counters["previews"] += 1
             if loaded:
                 self._loads[target] += 1
@@ -196,7 +201,11 @@ class RayStages:
     def stats(self) -> dict[str, object]:
         """Calls, retries and model loads of the stage deployments."""
         loads = [count for key, count in self._loads.items() if not key.startswith("finalize/")]
-        return {**self._counters, "preview_model_loads": sum(loads), "preview_session_versions": len(loads)}
+        calls = sorted(self._preview_seconds)
+        percentiles = {f"preview_call_p{p}_ms": round(1000 * calls[min(len(calls) - 1, len(calls) * p // 100)], 2)
+                       for p in (50, 95)} if calls else {}
+        return {**self._counters, "preview_model_loads": sum(loads), "preview_session_versions": len(loads),
+                **percentiles}
 
     async def close(self) -> None:
         """Drop every waiting preview."""
