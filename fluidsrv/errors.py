@@ -26,5 +26,18 @@ class UserError(Exception):
         """Return the JSON body of the error: ``{"error": {"code": ..., "message": ...}}``."""
         return {"error": {"code": self.code, "message": self.message}}
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle by class, message, status and code (subclasses' own ``__init__`` signatures never matter), so
+        a refusal raised in another process (a Ray replica) reaches the client as itself."""
+        return _rebuild, (type(self), self.message, self.status, self.code)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(status={self.status}, code={self.code!r}, message={self.message!r})"
+
+
+def _rebuild(cls: type[UserError], message: str, status: int, code: str) -> UserError:
+    """Recreate a pickled :class:`UserError` without calling its class's ``__init__``."""
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    error.message, error.status, error.code = message, status, code
+    return error

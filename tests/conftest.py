@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fluidsrv.models.stylegan2 import Generator
+from tests.backend_servers import api_server, local_backend, ray_backend  # noqa: F401  (fixtures: both backends)
 from tests.model_support import FACE_SHARD, TINY_GENERATOR, build_golden_generator, generator_with_w_avg
 from tests.real_servers import postgres_url, s3_server  # noqa: F401  (fixtures: PostgreSQL, S3)
 
