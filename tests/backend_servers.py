@@ -20,6 +20,7 @@ from fluidsrv.web import create_app
 from tests.real_servers import S3Server, free_ports, fresh_schema
 from tests.server_support import LiveServer, small_settings
 
+PREVIEW_REPLICAS = 2
 FAST_STAGES = {"encoder.project": {"steps": 6, "wplus_steps": 4, "frame_every": 3}, "directions.sefa": {"k": 4}}
 """A few projector steps: these tests are about the API and where the stages run, not about inversion quality."""
 
@@ -45,6 +46,7 @@ def ray_backend(postgres_url: str, s3_server: S3Server, tmp_path_factory: pytest
     ray = pytest.importorskip("ray")
     from ray import serve
 
+    from fluidsrv.backends.ray_replicas import deployment_options
     from fluidsrv.cli import serve_ray
 
     (port,) = free_ports(1)
@@ -54,8 +56,10 @@ def ray_backend(postgres_url: str, s3_server: S3Server, tmp_path_factory: pytest
         s3_secret_key=s3_server.secret_key, prepare_grace_seconds=0.0, plugin_options=FAST_STAGES)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    options = deployment_options(None)
+    options["preview"]["num_replicas"] = PREVIEW_REPLICAS  # two, so that affinity is something to test
     try:
-        serve_ray.start(settings)
+        serve_ray.start(settings, options)
         yield ApiServer("ray", f"127.0.0.1:{port}", settings)
     finally:
         try:
