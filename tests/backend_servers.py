@@ -1,6 +1,7 @@
 """Real servers of both backends for the API suite: the in-process app under uvicorn, and the app on Ray Serve.
 
-``ray_backend`` starts a local Ray cluster (``ray.init(num_cpus=2)``) once per test session, with the application
+``ray_backend`` starts a local Ray cluster (``ray.init(num_cpus=2)``) once per test module (and stops it after,
+so that it takes no CPU from the rest of the suite), with the application
 of :mod:`fluidsrv.cli.serve_ray` storing sessions in the real PostgreSQL and S3 servers of
 :mod:`tests.real_servers`; ``api_server`` is parametrised over "local" and "ray".
 """
@@ -39,7 +40,7 @@ class ApiServer:
         return f"http://{self.host}"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_backend(postgres_url: str, s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory,
                 shared_dir: Path) -> Iterator[ApiServer]:
     """The application on Ray Serve (a local 2-CPU cluster), sessions in PostgreSQL + S3."""

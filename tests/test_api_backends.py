@@ -1,7 +1,9 @@
 """The API of the product, over real HTTP and websockets, against both backends: in-process and Ray Serve.
 
-Each test runs twice (``api_server`` is parametrised over "local" and "ray"): the ray run goes through Ray Serve's
-HTTP proxy to the ingress replica, whose stages run on their own deployments with sessions in PostgreSQL + S3.
+Each API test runs twice (``api_server`` is parametrised over "local" and "ray"): the ray run goes through Ray
+Serve's HTTP proxy to the ingress replica, whose stages run on their own deployments with sessions in PostgreSQL +
+S3. The last tests are the ray backend's own promises: session affinity of previews (two preview replicas) and
+failover of killed replicas. One Ray cluster serves the whole module.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import websockets
 from PIL import Image
 
 from fluidsrv.protocol import decode_frame
-from tests.backend_servers import ApiServer
+from tests.backend_servers import PREVIEW_REPLICAS, ApiServer
 from tests.server_support import ADMIN, SMALL_PHOTO, gradient_image, png_bytes
 
 pytestmark = pytest.mark.timeout(600)
@@ -214,3 +216,68 @@ def test_preparing_again_makes_a_new_version_that_previews(api_server: ApiServer
             assert stats["preview_session_versions"] >= 2
 
     run(api_server, scenario)
+
+
+# ---- the ray backend's own promises -------------------------------------------------------------------------
+
+
+async def backend_stats(client: Client) -> dict[str, Any]:
+    stats: dict[str, Any] = (await client.http.get("/api/stats", headers=ADMIN)).json()["backend"]
+    return stats
+
+
+def preview_replicas() -> list[Any]:
+    """The live preview replicas' actors."""
+    import ray
+
+    names = [entry["name"] for entry in ray.util.list_named_actors(all_namespaces=True)
+             if "#preview#" in entry["name"]]
+    return [ray.get_actor(name, namespace="serve") for name in names]
+
+
+def test_a_session_version_loads_once_and_stays_on_its_replica(ray_backend: ApiServer, photo: bytes) -> None:
+    assert len(preview_replicas()) == PREVIEW_REPLICAS
+
+    async def scenario(client: Client) -> None:
+        await client.create(photo)
+        await client.connect()
+        await client.prepare()
+        name = (await slider_names(client))[0]
+        before = await backend_stats(client)
+        for seq in range(12):
+            await client.preview(seq, {name: (seq % 5 - 2) * 0.75})
+        after = await backend_stats(client)
+        assert after["preview_model_loads"] - before["preview_model_loads"] == 1  # one load, on one replica
+        assert after["preview_session_versions"] - before["preview_session_versions"] == 1
+        assert after.get("retries", 0) == before.get("retries", 0)
+
+    run(ray_backend, scenario)
+
+
+def test_a_killed_preview_replica_costs_the_client_nothing(ray_backend: ApiServer, photo: bytes) -> None:
+    import ray
+
+    async def scenario(client: Client) -> None:
+        await client.create(photo)
+        await client.connect()
+        await client.prepare()
+        names = await slider_names(client)
+        await client.preview(1, {names[0]: 1.0}, commit=True)
+        await client.event("saved")
+        await client.preview(2, {names[0]: 1.0, names[1]: -1.0}, commit=True)
+        await client.event("saved")
+        before = await backend_stats(client)
+        for actor in preview_replicas():
+            ray.kill(actor, no_restart=True)  # every replica: the next preview cannot avoid the failure
+
+        frame = await client.preview(3, {names[0]: 2.0}, commit=True)  # same websocket: no error, a frame
+        assert frame.image
+        await client.event("saved")
+        assert (await client.session())["sliders"] == {names[0]: 2.0}
+        undone = await client.http.post(f"/api/sessions/{client.session_id}/undo", headers=client.auth)
+        assert undone.status_code == 200  # the history from before the failure is intact
+        assert (await client.session())["sliders"] == {names[0]: 1.0, names[1]: -1.0}
+        after = await backend_stats(client)
+        assert after["preview_model_loads"] > before["preview_model_loads"]  # reloaded from storage
+
+    run(ray_backend, scenario)
