@@ -32,6 +32,7 @@ from fluidsrv.admission import AdmissionQueue
 from fluidsrv.backends import open_storage
 from fluidsrv.backends.local import LocalStages
 from fluidsrv.backends.stages import StageBackend
+from fluidsrv.backends.storage import StorageUnavailableError
 from fluidsrv.convert import encode_preview
 from fluidsrv.decode_budget import ClientPixelBudget, PixelBudget, probe_pixels
 from fluidsrv.errors import UserError
@@ -367,6 +368,9 @@ class EditService(SessionDirections, LatentTools):
             session.prepared = prepared
             session.edit.reset()
             session.result = None
+            remote = self.stages.name != "local"  # the replicas read the prepared face from storage: store it first
+            if remote and not await self._persist_prepared(session):
+                return
             session.move_to(Status.READY)
             try:
                 await asyncio.to_thread(self.store.persist, session)
@@ -375,6 +379,20 @@ class EditService(SessionDirections, LatentTools):
             except Exception:
                 log.exception("session %s is ready but could not be written to disk", session.id)
             self._publish(session.id, ReadyEvent(session))
+
+    async def _persist_prepared(self, session: Session) -> bool:
+        """Store a just-prepared session before it is ready (remote replicas load it from there); False: failed."""
+        try:
+            await asyncio.to_thread(self.store.persist, session)
+        except SessionError:
+            return False  # deleted while it was being prepared
+        except Exception as error:
+            log.exception("the prepared face of session %s could not be stored", session.id)
+            message = f"the prepared face could not be stored: {_user_message(error)}"
+            session.move_to(Status.FAILED, error=message)
+            self._publish(session.id, FailedEvent(session.id, "prepare_failed", message))
+            return False
+        return True
 
     def _report_place(self, session: Session, place: int) -> None:
         """Tell the clients of a waiting prepare its place in line (1 = next) and how many faces go first."""
@@ -426,6 +444,10 @@ class EditService(SessionDirections, LatentTools):
         snapshot = session.edit.snapshot()  # taken here, where the state changes: the write cannot tear it
         try:
             await asyncio.to_thread(self.store.record_edit, session.id, snapshot)
+        except StorageUnavailableError as error:
+            log.error("the edit of session %s was not saved: %s", session.id[:8], error)
+            raise UserError("the session storage is unavailable right now; this edit was not saved", status=503,
+                            code="storage_unavailable") from None
         except RuntimeError:  # the store closed: the server is shutting down
             raise UserError("the server is shutting down; this edit was not saved", status=503,
                             code="shutting_down") from None
@@ -536,6 +558,9 @@ class EditService(SessionDirections, LatentTools):
 
     async def switch_stage(self, stage: str, name: str) -> dict[str, Any]:
         """Switch a stage to another plugin at run time; the old one stays active if the new one fails."""
+        if self.stages.name != "local":  # the replicas run their own runtimes: one process cannot switch them all
+            raise UserError(f"stages cannot be switched at run time on the {self.stages.name} backend; set "
+                            f"FLUIDSRV_{stage.upper()} and deploy again", status=409, code="switch_unsupported")
         try:
             await self.executor.run(lambda: self.runtime.switch_stage(stage, name), priority=Priority.FINALIZE)
         except PluginError as error:

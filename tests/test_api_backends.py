@@ -136,6 +136,10 @@ def test_health_config_and_stats_name_the_backend(api_server: ApiServer) -> None
         assert (await client.http.get("/api/stats")).status_code in (401, 403)
         stats = (await client.http.get("/api/stats", headers=ADMIN)).json()
         assert stats["backend"]["name"] == api_server.backend
+        if api_server.backend == "ray":  # every replica runs its own plugins: no run-time switch, a clear answer
+            switch = await client.http.post("/api/config/stages", json={"stage": "inpainter", "name": "telea"},
+                                            headers=ADMIN)
+            assert switch.status_code == 409 and switch.json()["error"]["code"] == "switch_unsupported"
 
     run(api_server, scenario)
 

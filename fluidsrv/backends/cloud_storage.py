@@ -30,7 +30,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from psycopg import conninfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from fluidsrv.backends.storage import StoredSession
+from fluidsrv.backends.storage import StorageUnavailableError, StoredSession
 
 SESSIONS_TABLE = "fluidsrv_sessions"
 EDITS_TABLE = "fluidsrv_edits"
@@ -58,10 +58,6 @@ def _s3_client(**options: Any) -> Any:
         if not _boto_session:
             _boto_session.append(boto3.session.Session())
         return _boto_session[0].client("s3", **options)
-
-
-class StorageUnavailableError(RuntimeError):
-    """PostgreSQL or the S3 server failed (unreachable, refused, down); the message names which and where."""
 
 
 class CloudStorage:

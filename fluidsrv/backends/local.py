@@ -1,7 +1,7 @@
 """The stages in this process: device work on the one :class:`~fluidsrv.executor.GpuExecutor`, CPU work on threads.
 
 This is the single-box backend, and also what every Ray Serve replica runs inside (see
-:mod:`fluidsrv.backends.ray_serve`): one implementation of the stages, two places to run it.
+:mod:`fluidsrv.backends.ray_replicas`): one implementation of the stages, two places to run it.
 """
 
 from __future__ import annotations

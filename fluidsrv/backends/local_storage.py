@@ -121,7 +121,10 @@ class LocalStorage:
             if self._closed:
                 raise RuntimeError("the session storage is closed")
             with self._edits.transact(retry=True):
-                _, stored_revision = self._edits.get(key, default=None, tag=True, retry=True)
+                try:
+                    _, stored_revision = self._edits.get(key, default=None, tag=True, retry=True)
+                except ValueError:  # a value that is not raw bytes (never ours): replaced
+                    stored_revision = None
                 if isinstance(stored_revision, int) and stored_revision > revision:
                     return
                 self._edits.set(key, record, tag=revision, retry=True)  # the tag column holds the revision

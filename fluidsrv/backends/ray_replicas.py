@@ -27,8 +27,8 @@ from ray import serve
 from fluidsrv import pipeline
 from fluidsrv.backends import open_storage
 from fluidsrv.backends.local import LocalStages
+from fluidsrv.backends.ray_stages import StaleSessionError
 from fluidsrv.backends.storage import SessionStorage
-from fluidsrv.errors import UserError
 from fluidsrv.executor import GpuExecutor, Priority
 from fluidsrv.image_io import DecodedImage
 from fluidsrv.models.stylegan2 import Generator
@@ -48,13 +48,6 @@ _SERVE_OPTIONS = {"num_replicas", "autoscaling_config", "ray_actor_options", "ma
                   "max_queued_requests", "health_check_period_s", "health_check_timeout_s",
                   "graceful_shutdown_timeout_s"}
 _OUR_OPTIONS = {"models_per_replica"}
-
-
-class StaleSessionError(UserError):
-    """A replica was asked for a session version that storage does not hold (yet, or any more)."""
-
-    status = 409
-    code = "stale_session"
 
 
 def deployment_options(path: Path | None) -> dict[str, dict[str, Any]]:
@@ -167,6 +160,7 @@ class PrepareReplica(_Replica):
         events: asyncio.Queue[Progress] = asyncio.Queue()
         job = asyncio.ensure_future(
             self.stages.prepare(session_id, session.upload, face_index, version, events.put_nowait))
+        waiter: asyncio.Future[Progress] | None = None
         try:
             while not job.done() or not events.empty():
                 waiter = asyncio.ensure_future(events.get())
@@ -177,6 +171,8 @@ class PrepareReplica(_Replica):
                     waiter.cancel()
             prepared = job.result()
         finally:
+            if waiter is not None and not waiter.done():
+                waiter.cancel()
             if not job.done():
                 job.cancel()  # the client left: the executor stops the job at its next step
                 with contextlib.suppress(BaseException):

@@ -30,7 +30,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from fluidsrv.backends.stages import EditedWs
 from fluidsrv.errors import UserError
-from fluidsrv.executor import SUPERSEDED, Superseded
+from fluidsrv.executor import SUPERSEDED, ExecutorError, Superseded
 from fluidsrv.image_io import DecodedImage
 from fluidsrv.pipeline import FinalRenders
 from fluidsrv.session.model import Prepared, Upload
@@ -46,6 +46,13 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError, ray.exceptions.RayActorError,
     DeploymentUnavailableError, BackPressureError)
 """Errors of the cluster, not of the work: the call is sent again (to another replica)."""
+
+
+class StaleSessionError(UserError):
+    """A replica was asked for a session version that storage does not hold (yet, or any more)."""
+
+    status = 409
+    code = "stale_session"
 
 
 @dataclass(frozen=True)
@@ -88,6 +95,13 @@ class LatestWins:
             if not future.done():
                 future.set_result(SUPERSEDED)
 
+    async def close(self) -> None:
+        """Answer the waiting call and cancel the one in flight."""
+        self.drop_waiting()
+        if self._drain is not None and not self._drain.done():
+            self._drain.cancel()
+            await asyncio.gather(self._drain, return_exceptions=True)
+
     async def _run_waiting(self) -> None:
         while self._waiting is not None:
             call, future = self._waiting
@@ -98,6 +112,7 @@ class LatestWins:
                 result = await call()
             except asyncio.CancelledError:
                 future.cancel()
+                self.drop_waiting()
                 raise
             except BaseException as error:
                 if not future.done():
@@ -142,6 +157,8 @@ class RayStages:
         except asyncio.CancelledError:
             stream.cancel()  # the replica stops the job at its next step
             raise
+        except ray.exceptions.RayTaskError as error:
+            raise _replica_error("prepare", error) from None
         except TRANSIENT_ERRORS as error:
             raise UserError(f"the prepare service went away while preparing this face ({type(error).__name__}); "
                             "pick the face again", status=503, code="stage_unavailable") from None
@@ -208,9 +225,9 @@ class RayStages:
                 **percentiles}
 
     async def close(self) -> None:
-        """Drop every waiting preview."""
+        """Drop every waiting preview and stop the calls in flight."""
         for slot in self._slots.values():
-            slot.drop_waiting()
+            await slot.close()
         self._slots.clear()
 
     async def _call(self, stage: str, send: Callable[[], Any]) -> Any:
@@ -220,10 +237,11 @@ class RayStages:
             try:
                 return await send()
             except ray.exceptions.RayTaskError as error:  # the work failed on the replica: its own error
-                cause = error.cause
-                if isinstance(cause, UserError):
-                    raise cause from None
-                raise RuntimeError(f"{stage} failed on its replica: {cause}") from None
+                if isinstance(error.cause, StaleSessionError) and attempt < self.retries:
+                    await asyncio.sleep(pause)  # storage does not show the newest version yet: in a moment
+                    pause *= 2
+                    continue
+                raise _replica_error(stage, error) from None
             except TRANSIENT_ERRORS as error:
                 self._counters["retries"] += 1
                 if attempt == self.retries:
@@ -235,3 +253,12 @@ class RayStages:
                 pause *= 2
         raise UserError(f"the {stage} service is unavailable right now; try again in a moment", status=503,
                         code="stage_unavailable")
+
+
+def _replica_error(stage: str, error: ray.exceptions.RayTaskError) -> BaseException:
+    """What a replica's failure is to the service: its refusal or out-of-memory error itself, else a short error
+    (never the remote traceback, which names server files)."""
+    cause = error.cause
+    if isinstance(cause, (UserError, ExecutorError)):
+        return cause
+    return RuntimeError(f"{stage} failed on its replica ({type(cause).__name__}: {cause})")

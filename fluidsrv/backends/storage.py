@@ -23,6 +23,10 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 
+class StorageUnavailableError(RuntimeError):
+    """The storage's servers failed (unreachable, refused, down); the message names which and where."""
+
+
 @dataclass(frozen=True)
 class StoredSession:
     """A session's three stored parts."""

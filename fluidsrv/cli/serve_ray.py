@@ -7,6 +7,7 @@ the stages on :class:`~fluidsrv.backends.ray_stages.RayStages`; the stage replic
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -34,7 +35,10 @@ class IngressReplica:
 
     def __init__(self, settings: Settings, detect: DeploymentHandle, prepare: DeploymentHandle,
                  preview: DeploymentHandle, finalize: DeploymentHandle) -> None:
+        from fluidsrv.logs import install_redaction
+
         logging.basicConfig(level=logging.INFO)
+        install_redaction()  # tokens never reach the replica's log
         self.settings = settings
         self.handles = StageHandles(detect=detect, prepare=prepare, preview=preview, finalize=finalize)
 
@@ -54,11 +58,20 @@ def build_application(settings: Settings, options: dict[str, dict[str, Any]] | N
         return serve.deployment(cls, name=name, **serve_options(options[name]))
 
     models = {name: int(options[name].get("models_per_replica", 8)) for name in ("preview", "finalize")}
+    ingress_settings = dataclasses.replace(  # the ingress lets in as many prepares as the replicas can take
+        settings, max_concurrent_prepares=max(settings.max_concurrent_prepares, prepare_capacity(options["prepare"])))
     detect = deployment(DetectReplica, "detect").bind(settings)
     prepare = deployment(PrepareReplica, "prepare").bind(settings)
     preview = deployment(PreviewReplica, "preview").bind(settings, models["preview"])
     finalize = deployment(FinalizeReplica, "finalize").bind(settings, models["finalize"])
-    return deployment(IngressReplica, "ingress").bind(settings, detect, prepare, preview, finalize)
+    return deployment(IngressReplica, "ingress").bind(ingress_settings, detect, prepare, preview, finalize)
+
+
+def prepare_capacity(entry: dict[str, Any]) -> int:
+    """How many faces the prepare deployment's replicas prepare at once at most (replicas x ongoing requests)."""
+    autoscaling = entry.get("autoscaling_config") or {}
+    replicas = int(autoscaling.get("max_replicas", entry.get("num_replicas", 1)))
+    return max(1, replicas * int(entry.get("max_ongoing_requests", 1)))
 
 
 def start(settings: Settings, options: dict[str, dict[str, Any]] | None = None) -> DeploymentHandle:
@@ -66,7 +79,8 @@ def start(settings: Settings, options: dict[str, dict[str, Any]] | None = None) 
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=settings.ray_address or None, include_dashboard=False, log_to_driver=True)
+        # no address: a new local cluster (never one that RAY_ADDRESS or a running cluster would pick)
+        ray.init(address=settings.ray_address or "local", include_dashboard=False, log_to_driver=True)
     serve.start(http_options={"host": settings.host, "port": settings.port})
     handle: DeploymentHandle = serve.run(build_application(settings, options), name=APP_NAME, route_prefix="/")
     return handle

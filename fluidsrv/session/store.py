@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from fluidsrv.backends.local_storage import LocalStorage
-from fluidsrv.backends.storage import SessionStorage, StoredSession
+from fluidsrv.backends.storage import SessionStorage, StorageUnavailableError, StoredSession
 from fluidsrv.errors import UserError
 from fluidsrv.session import spill
 from fluidsrv.session.model import EditState, Session, SliderHistory, Upload
@@ -416,7 +416,7 @@ class SessionStore:
         session = self._live[session_id]
         try:
             self._write(session)
-        except SessionStateError:
+        except (SessionStateError, StorageUnavailableError):
             logger.exception("session %s cannot be spilled; keeping it in memory", session_id)
             return 0
         del self._live[session_id]
@@ -428,6 +428,11 @@ class SessionStore:
         """Read a spilled session back into memory (tensors onto the store's device)."""
         try:
             stored = self._storage.read(session_id)
+        except StorageUnavailableError as error:  # an outage is not a broken session: keep it, answer 503
+            logger.error("session %s cannot be read now: %s", session_id, error)
+            raise SessionError("the session storage is unavailable right now; try again in a moment", status=503,
+                               code="storage_unavailable") from None
+        try:
             if stored is None:
                 raise ValueError("incomplete entry")
             session = spill.decode(stored.meta, stored.arrays, stored.tensors, device=self.device,
