@@ -56,7 +56,7 @@ def ray_backend(postgres_url: str, s3_server: S3Server, tmp_path_factory: pytest
         s3_endpoint=s3_server.endpoint, s3_bucket=s3_server.new_bucket(), s3_access_key=s3_server.access_key,
         s3_secret_key=s3_server.secret_key, prepare_grace_seconds=0.0, plugin_options=FAST_STAGES)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     options = deployment_options(None)
     options["preview"]["num_replicas"] = PREVIEW_REPLICAS  # two, so that affinity is something to test
     try:
