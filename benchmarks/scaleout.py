@@ -6,7 +6,8 @@ the tiny ``random:32`` generator by default, ``--generator embedded`` for the sh
 in-process one (``backend=local``, sessions in files under its data folder) and the ray one (``backend=ray``: a
 local Ray cluster, the Serve ingress and the stage deployments, sessions in PostgreSQL + S3). Both servers stay
 up for the whole run, and every measurement alternates between them (in-process, ray, in-process, ray, ...), so
-machine noise hits both alike.
+machine noise hits both alike. Both compute on ``--threads`` torch threads (default 1: Ray gives each replica that
+reserves no CPU OMP_NUM_THREADS=1, and on a small shared machine one thread is also the faster setting).
 
 Measured, per backend:
 
@@ -25,13 +26,15 @@ Measured, per backend:
   records, and the tables' size on disk) and the S3 objects (listed); for in-process the data folder's
   ``sessions`` and ``edits`` databases on disk and the parts they hold.
 
-Prints the JSON report, then a table. ``--smoke``: a tiny run (2 sessions, short drags, one round) for a test.
-Before starting Ray it waits until no ``raylet`` runs on the machine (another Ray cluster would share the cores);
-the Ray processes it started are stopped at the end, also when the run fails or is interrupted.
+Prints the JSON report, then a table. ``--smoke``: a tiny run (2 sessions, short drags, one round, 20 w+ steps)
+for a test. ``--server-env PYTHONPATH=DIR`` runs both servers on a scratch copy of ``fluidsrv`` in DIR (to measure
+a change); ``--ray-env`` sets a variable of the ray server only (a ``RAY_SERVE_*`` knob). Before starting Ray it
+waits until no ``raylet`` runs on the machine (another Ray cluster would share the cores); the Ray processes it
+started are stopped at the end, also when the run fails or is interrupted.
 
-    .venv/bin/python benchmarks/scaleout.py                        # random:32, ~3 min
-    .venv/bin/python benchmarks/scaleout.py --generator embedded   # the shipped 128² models
-    .venv/bin/python benchmarks/scaleout.py --smoke
+    .venv/bin/python benchmarks/scaleout.py                        # random:32, ~5 min on 2 cores
+    .venv/bin/python benchmarks/scaleout.py --generator embedded   # the shipped 128² models, ~6 min
+    .venv/bin/python benchmarks/scaleout.py --smoke                # ~1.5 min
 """
 
 from __future__ import annotations
@@ -396,6 +399,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--wplus-steps", type=int,
                         help="the project encoder's w+ steps (default: small_settings' own, 200); fewer make each "
                              "prepare shorter and leave previews as they are")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="OMP_NUM_THREADS of both servers (default 1: what Ray gives each replica that reserves no "
+                             "CPU, so the in-process server computes alike); 0 leaves torch's default (all cores)")
     parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE", type=env_pair,
                         help="an environment variable of both servers (repeatable), e.g. PYTHONPATH=/tmp/scratch to "
                              "run a scratch copy of fluidsrv")
@@ -411,8 +417,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.wplus_steps = 20 if args.wplus_steps is None else args.wplus_steps
     if not set(args.backends) <= set(BACKENDS) or not args.backends:
         parser.error(f"--backends takes a comma list of {', '.join(BACKENDS)}")
-    if args.sessions < 1 or args.messages < 1 or args.rounds < 1 or (args.wplus_steps or 0) < 0:
-        parser.error("--sessions, --messages and --rounds must be at least 1, --wplus-steps at least 0")
+    if args.sessions < 1 or args.messages < 1 or args.rounds < 1 or (args.wplus_steps or 0) < 0 or args.threads < 0:
+        parser.error("--sessions, --messages and --rounds must be at least 1, --wplus-steps and --threads at least 0")
     return args
 
 
@@ -485,7 +491,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             settings = backend_settings(label, args, folder, database_url, s3, bucket)
             if label == "ray":
                 waited = wait_for_no_raylet()
-            extra = dict(args.server_env) | (dict(args.ray_env) if label == "ray" else {})
+            extra = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
+            extra |= dict(args.server_env) | (dict(args.ray_env) if label == "ray" else {})
             server = Server(label, settings, folder / "server.log", extra)
             stack.callback(server.stop)
             server.start()
@@ -511,7 +518,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "generator": args.generator, "sessions": args.sessions, "messages_per_drag": args.messages,
         "rate_per_session": args.rate, "rounds": args.rounds, "wplus_steps": args.wplus_steps,
-        "server_env": dict(args.server_env), "ray_env": dict(args.ray_env),
+        "threads": args.threads, "server_env": dict(args.server_env), "ray_env": dict(args.ray_env),
         "photo": str(args.photo), "cpus": os.cpu_count(), "load_average": {"before": load_before,
                                                                           "after": load_average()},
         "waited_for_other_ray_s": round(waited, 1), "seconds": round(time.perf_counter() - began, 1),
@@ -541,7 +548,8 @@ def print_table(report: dict[str, Any]) -> None:
                 values.append(None)
         row(name, values, diff(values))
 
-    print(f"generator {report['generator']}, {report['sessions']} sessions per backend, drags of "
+    print(f"generator {report['generator']}, {report['threads'] or 'default'} torch thread(s), "
+          f"{report['sessions']} sessions per backend, drags of "
           f"{report['messages_per_drag']} states at {report['rate_per_session']:g}/s, {report['rounds']} round(s), "
           f"{report['cpus']} CPUs, load average {report['load_average']['before'][0]} before, "
           f"{report['load_average']['after'][0]} after\n")
