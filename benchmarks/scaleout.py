@@ -32,7 +32,7 @@ a change); ``--ray-env`` sets a variable of the ray server only (a ``RAY_SERVE_*
 waits until no ``raylet`` runs on the machine (another Ray cluster would share the cores); the Ray processes it
 started are stopped at the end, also when the run fails or is interrupted.
 
-    .venv/bin/python benchmarks/scaleout.py                        # random:32, ~5 min on 2 cores
+    .venv/bin/python benchmarks/scaleout.py                        # random:32, 3-5 min on 2 shared cores
     .venv/bin/python benchmarks/scaleout.py --generator embedded   # the shipped 128² models, ~6 min
     .venv/bin/python benchmarks/scaleout.py --smoke                # ~1.5 min
 """
