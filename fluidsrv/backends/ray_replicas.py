@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,10 +93,6 @@ class _Replica:
         self.stages = LocalStages(self.runtime, self.executor)
         self.storage = open_storage(settings)
 
-    def replica_facts(self) -> dict[str, Any]:
-        """Which process this is (tests and benchmarks tell replicas apart by it)."""
-        return {"pid": os.getpid(), "device": str(self.runtime.device)}
-
 
 @dataclass(frozen=True)
 class SessionModels:
@@ -113,7 +108,6 @@ class _SessionModelsReplica(_Replica):
 
     def __init__(self, settings: Settings, models_per_replica: int = 8) -> None:
         super().__init__(settings)
-        self.loads = 0
         self._just_loaded: set[str] = set()
 
         async def load(model_id: str) -> SessionModels:
@@ -130,7 +124,6 @@ class _SessionModelsReplica(_Replica):
         on_device = prepared.on(self.runtime.device)
         generator, renderer = await self.executor.run(
             lambda: self.runtime.build_session_models(on_device), priority=Priority.PREVIEW, owner=session_id)
-        self.loads += 1
         self._just_loaded.add(model_id)
         return SessionModels(on_device, generator, renderer)
 

@@ -211,10 +211,6 @@ class RayStages:
         if slot is not None:
             slot.drop_waiting()
 
-    def model_loads(self) -> dict[str, int]:
-        """How many times the replicas loaded each session version's models (1 while it stays on one replica)."""
-        return dict(self._loads)
-
     def stats(self) -> dict[str, object]:
         """Calls, retries and model loads of the stage deployments."""
         loads = [count for key, count in self._loads.items() if not key.startswith("finalize/")]
