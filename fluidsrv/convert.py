@@ -24,7 +24,10 @@ def tensor_to_image(tensor: torch.Tensor) -> np.ndarray:
     return pixels.round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()  # [H, W, 3]
 
 
-def encode_preview(image: np.ndarray, image_format: str = "webp", quality: int = 82) -> bytes:
+PREVIEW_FORMAT = "webp"  # how preview and progress frames travel
+
+
+def encode_preview(image: np.ndarray, image_format: str = PREVIEW_FORMAT, quality: int = 82) -> bytes:
     """Encode a preview frame (uint8 RGB [H, W, 3]) as WebP or JPEG bytes."""
     buffer = io.BytesIO()
     pil_format = {"webp": "WEBP", "jpeg": "JPEG"}[image_format]

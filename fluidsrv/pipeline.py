@@ -23,7 +23,7 @@ from torch.nn import functional as F
 
 from fluidsrv import latents
 from fluidsrv.compose import Composition, compose_outer, head_mask
-from fluidsrv.convert import image_to_tensor, tensor_to_image
+from fluidsrv.convert import PREVIEW_FORMAT, encode_preview, image_to_tensor, tensor_to_image
 from fluidsrv.geometry import align_face, face_landmarks, warp_crop
 from fluidsrv.image_io import ImageMetadata, encode_image
 from fluidsrv.models.stylegan2 import Generator
@@ -222,6 +222,11 @@ def compose_preview(prepared: Prepared, frame: np.ndarray, photo_detail: str) ->
         return frame
     reconstruction = host_square(prepared.reconstruction, side)  # a session spilled before frames were P×P
     return apply_to_crop(prepared.preview_crop, preview_layer(prepared, frame, reconstruction))
+
+
+def encode_composed_preview(prepared: Prepared, frame: np.ndarray, photo_detail: str) -> bytes:
+    """Host: :func:`compose_preview` encoded as PREVIEW_FORMAT, the bytes a preview frame carries."""
+    return encode_preview(compose_preview(prepared, frame, photo_detail), PREVIEW_FORMAT)
 
 
 def render_final(stages: StageBundle, generator: Generator, prepared: Prepared,

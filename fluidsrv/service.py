@@ -33,7 +33,7 @@ from fluidsrv.backends import open_storage
 from fluidsrv.backends.local import LocalStages
 from fluidsrv.backends.stages import StageBackend
 from fluidsrv.backends.storage import StorageUnavailableError
-from fluidsrv.convert import encode_preview
+from fluidsrv.convert import PREVIEW_FORMAT, encode_preview
 from fluidsrv.decode_budget import ClientPixelBudget, PixelBudget, probe_pixels
 from fluidsrv.errors import UserError
 from fluidsrv.events import (
@@ -77,7 +77,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PREVIEW_FORMAT = "webp"
 EXPIRY_INTERVAL_SECONDS = 60.0
 ABANDONED_UPLOAD_SECONDS = 120.0  # a full server may delete uploads idle this long whose face was never picked
 THUMBNAIL_SIDE = 96
@@ -479,12 +478,9 @@ class EditService(SessionDirections, LatentTools):
                 raise UserError("a newer slider state from another connection of this session replaced this one",
                                 status=409, code="superseded")
             return None
-        photo_detail = runtime.settings.photo_detail
-
-        def compose_and_encode() -> bytes:
-            return encode_preview(pipeline.compose_preview(prepared, frame, photo_detail), PREVIEW_FORMAT)
-
-        return await asyncio.to_thread(compose_and_encode)
+        if isinstance(frame, bytes):  # composed and encoded where it was rendered (the ray preview replicas)
+            return frame
+        return await asyncio.to_thread(pipeline.encode_composed_preview, prepared, frame, runtime.settings.photo_detail)
 
     # ---- finalize ------------------------------------------------------------------------------------------
 

@@ -177,14 +177,18 @@ class PrepareReplica(_Replica):
 class PreviewReplica(_SessionModelsReplica):
     """Renders previews of the sessions whose models it holds."""
 
-    async def render(self, ws: torch.Tensor, side: int) -> tuple[Any, bool]:
-        """The preview frame of ``ws`` for the request's session version, and whether it had to load it."""
+    async def render(self, ws: torch.Tensor, side: int) -> tuple[bytes, bool]:
+        """The preview of ``ws`` for the request's session version, laid over the photo's crop and encoded as
+        PREVIEW_FORMAT (as the ingress would: only a few KB travel back, not the frame), and whether it had to
+        load the session's models."""
         target, models, loaded = await self._models()
         session_id = target.rpartition(":")[0]
         frame = await self.executor.run(
             lambda: pipeline.render_preview(models.renderer, ws.to(self.runtime.device), side),
             priority=Priority.PREVIEW, owner=session_id)
-        return frame, loaded
+        encoded = await asyncio.to_thread(  # host work, off the device worker (the next render starts meanwhile)
+            pipeline.encode_composed_preview, models.prepared, frame, self.settings.photo_detail)
+        return encoded, loaded
 
 
 class FinalizeReplica(_SessionModelsReplica):

@@ -16,6 +16,7 @@ session from storage, so the client sees no error and loses nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter, deque
@@ -23,7 +24,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import numpy as np
 import ray.exceptions
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+PREVIEWS_PER_REPLICA = 2
+"""Preview calls on their way to one preview replica at once, all sessions together (one rendering, one being
+composed and encoded). More would wait in the replica's queue with a slider state that is old by the time it
+renders; held back at the ingress, a session's waiting state is still replaced by its newest."""
 RETRIES = 4  # attempts of a call whose replica died
 RETRY_PAUSE_SECONDS = 0.25  # doubled after each failed attempt
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
@@ -71,11 +75,16 @@ def model_id(session_id: str, version: int) -> str:
 
 
 class LatestWins:
-    """One session's preview slot: one call in flight, and only the newest waiting state is sent next."""
+    """One session's preview slot: one call in flight, and only the newest waiting state is sent next.
 
-    def __init__(self) -> None:
+    With a ``gate`` (shared by every session's slot) a call is sent only once the gate lets it through; until then
+    a newer state still replaces the waiting one, so what is rendered is as fresh as it can be.
+    """
+
+    def __init__(self, gate: asyncio.Semaphore | None = None) -> None:
         self._waiting: tuple[Callable[[], Awaitable[Any]], asyncio.Future[Any]] | None = None
         self._drain: asyncio.Task[None] | None = None
+        self._gate = gate
 
     async def submit(self, call: Callable[[], Awaitable[T]]) -> T | Superseded:
         """Run ``call`` after the one in flight; SUPERSEDED if a newer call replaced it while it waited."""
@@ -104,22 +113,27 @@ class LatestWins:
 
     async def _run_waiting(self) -> None:
         while self._waiting is not None:
-            call, future = self._waiting
-            self._waiting = None
-            if future.done():  # its caller gave up
-                continue
-            try:
-                result = await call()
-            except asyncio.CancelledError:
-                future.cancel()
-                self.drop_waiting()
-                raise
-            except BaseException as error:
-                if not future.done():
-                    future.set_exception(error)
-            else:
-                if not future.done():
-                    future.set_result(result)
+            async with self._gate or contextlib.nullcontext():
+                if self._waiting is None:  # dropped while it waited for the gate
+                    return
+                await self._run_one(*self._waiting)
+
+    async def _run_one(self, call: Callable[[], Awaitable[Any]], future: asyncio.Future[Any]) -> None:
+        self._waiting = None
+        if future.done():  # its caller gave up
+            return
+        try:
+            result = await call()
+        except asyncio.CancelledError:
+            future.cancel()
+            self.drop_waiting()
+            raise
+        except BaseException as error:
+            if not future.done():
+                future.set_exception(error)
+        else:
+            if not future.done():
+                future.set_result(result)
 
 
 class RayStages:
@@ -127,10 +141,12 @@ class RayStages:
 
     name = "ray"
 
-    def __init__(self, handles: StageHandles, *, retries: int = RETRIES) -> None:
+    def __init__(self, handles: StageHandles, *, retries: int = RETRIES,
+                 previews_in_flight: int = PREVIEWS_PER_REPLICA) -> None:
         self.handles = handles
         self.retries = retries
         self._slots: dict[str, LatestWins] = {}
+        self._gate = asyncio.Semaphore(previews_in_flight)  # binds to the running loop on first use
         self._counters: Counter[str] = Counter()
         self._loads: Counter[str] = Counter()  # model loads reported by the replicas, per session version
         self._preview_seconds: deque[float] = deque(maxlen=512)  # recent preview calls that loaded nothing
@@ -166,12 +182,13 @@ class RayStages:
                         code="stage_unavailable")
 
     async def preview(self, session_id: str, prepared: Prepared, values: Mapping[str, float], edited_ws: EditedWs,
-                      side: int) -> np.ndarray | Superseded:
-        """Render on the preview replica that holds the session's models (or loads them)."""
-        slot = self._slots.setdefault(session_id, LatestWins())
+                      side: int) -> bytes | Superseded:
+        """The preview, composed and encoded by the preview replica that holds the session's models (or loads
+        them)."""
+        slot = self._slots.setdefault(session_id, LatestWins(self._gate))
         target = model_id(session_id, prepared.version)
 
-        async def render() -> np.ndarray:
+        async def render() -> bytes:
             ws = edited_ws(values).detach().to("cpu")
             started = time.perf_counter()
             frame, loaded = await self._call("preview", lambda: self.handles.preview.options(
@@ -181,7 +198,7 @@ class RayStages:
             self._counters["previews"] += 1
             if loaded:
                 self._loads[target] += 1
-            assert isinstance(frame, np.ndarray)
+            assert isinstance(frame, bytes)
             return frame
 
         return await slot.submit(render)

@@ -36,8 +36,10 @@ class StageBackend(Protocol):
         """Align, encode, fine-tune and distil one face; progress goes to ``on_progress`` on the event loop."""
 
     async def preview(self, session_id: str, prepared: Prepared, values: Mapping[str, float], edited_ws: EditedWs,
-                      side: int) -> np.ndarray | Superseded:
-        """The preview frame (uint8 [side, side, 3]) of ``values``; SUPERSEDED when a newer state replaced it."""
+                      side: int) -> np.ndarray | bytes | Superseded:
+        """The preview frame (uint8 [side, side, 3]) of ``values``, or the preview already laid over the photo's
+        crop and encoded as PREVIEW_FORMAT (bytes: a remote backend does that where it rendered); SUPERSEDED when
+        a newer state replaced it."""
 
     async def finalize(self, session_id: str, prepared: Prepared, values: Mapping[str, float], edited_ws: EditedWs,
                        on_progress: Callable[[Progress], None]) -> FinalRenders:

@@ -23,7 +23,7 @@ from fluidsrv.backends.ray_replicas import (
     deployment_options,
     serve_options,
 )
-from fluidsrv.backends.ray_stages import RayStages, StageHandles
+from fluidsrv.backends.ray_stages import PREVIEWS_PER_REPLICA, RayStages, StageHandles
 from fluidsrv.settings import Settings
 
 APP_NAME = "fluidsrv"
@@ -33,21 +33,23 @@ APP_NAME = "fluidsrv"
 class IngressReplica:
     """The web application (REST + websocket), its service on :class:`RayStages` over the stage deployments."""
 
-    def __init__(self, settings: Settings, detect: DeploymentHandle, prepare: DeploymentHandle,
-                 preview: DeploymentHandle, finalize: DeploymentHandle) -> None:
+    def __init__(self, settings: Settings, previews_in_flight: int, detect: DeploymentHandle,
+                 prepare: DeploymentHandle, preview: DeploymentHandle, finalize: DeploymentHandle) -> None:
         from fluidsrv.logs import install_redaction
 
         logging.basicConfig(level=logging.INFO)
         install_redaction()  # tokens never reach the replica's log
         self.settings = settings
+        self.previews_in_flight = previews_in_flight
         self.handles = StageHandles(detect=detect, prepare=prepare, preview=preview, finalize=finalize)
 
     def __serve_build_asgi_app__(self) -> Any:
         """The Starlette app whose service runs its stages on the deployments."""
         from fluidsrv.web import create_app
 
-        handles = self.handles
-        return create_app(self.settings, stages=lambda runtime, executor: RayStages(handles))
+        handles, in_flight = self.handles, self.previews_in_flight
+        return create_app(self.settings,
+                          stages=lambda runtime, executor: RayStages(handles, previews_in_flight=in_flight))
 
 
 def build_application(settings: Settings, options: dict[str, dict[str, Any]] | None = None) -> Any:
@@ -64,14 +66,20 @@ def build_application(settings: Settings, options: dict[str, dict[str, Any]] | N
     prepare = deployment(PrepareReplica, "prepare").bind(settings)
     preview = deployment(PreviewReplica, "preview").bind(settings, models["preview"])
     finalize = deployment(FinalizeReplica, "finalize").bind(settings, models["finalize"])
-    return deployment(IngressReplica, "ingress").bind(ingress_settings, detect, prepare, preview, finalize)
+    previews_in_flight = replica_count(options["preview"]) * PREVIEWS_PER_REPLICA
+    return deployment(IngressReplica, "ingress").bind(
+        ingress_settings, previews_in_flight, detect, prepare, preview, finalize)
+
+
+def replica_count(entry: dict[str, Any]) -> int:
+    """The most replicas a deployment's entry runs (num_replicas, or autoscaling's max_replicas)."""
+    autoscaling = entry.get("autoscaling_config") or {}
+    return max(1, int(autoscaling.get("max_replicas", entry.get("num_replicas", 1))))
 
 
 def prepare_capacity(entry: dict[str, Any]) -> int:
     """How many faces the prepare deployment's replicas prepare at once at most (replicas x ongoing requests)."""
-    autoscaling = entry.get("autoscaling_config") or {}
-    replicas = int(autoscaling.get("max_replicas", entry.get("num_replicas", 1)))
-    return max(1, replicas * int(entry.get("max_ongoing_requests", 1)))
+    return max(1, replica_count(entry) * int(entry.get("max_ongoing_requests", 1)))
 
 
 def start(settings: Settings, options: dict[str, dict[str, Any]] | None = None) -> DeploymentHandle:
