@@ -20,6 +20,7 @@ from fluidsrv.service import (
     Event,
     FailedEvent,
     FinalizedEvent,
+    IdentityEvent,
     ProgressEvent,
     ReadyEvent,
     Session,
@@ -113,6 +114,8 @@ class Connection:
             await self.send_error(happened.code, happened.message)
         elif isinstance(happened, FinalizedEvent):
             await self.send_text(event("finalized", result=f"/api/sessions/{happened.session_id}/result"))
+        elif isinstance(happened, IdentityEvent):
+            await self.send_text(event("identity", **happened.reading.describe()))
         elif isinstance(happened, DeletedEvent):
             await self.send_error("session_deleted", "this session was deleted")
             with contextlib.suppress(RuntimeError):
@@ -134,7 +137,8 @@ async def session_socket(socket: WebSocket) -> None:
     connection = Connection(socket, service, session, TokenBucket(rate, burst=rate, now=time.monotonic()))
     unsubscribe = service.subscribe(session.id, connection.on_event)
     try:
-        await connection.send_text(event("state", **session_view(session)))
+        await connection.send_text(event("state", **session_view(session), identity=service.identity.report(session)))
+        service.identity.warm()  # an editor opened: the meter's worker starts before the first slider moves
         joined = service.latest_progress(session.id)
         if joined is not None:  # joined a running job: show where it is
             await connection._forward(joined)
@@ -222,4 +226,5 @@ async def _send_preview(connection: Connection, seq: int, arrival: int, values: 
         return
     if image is not None:
         await connection.offer_preview(arrival, encode_frame(seq, image, PREVIEW_FORMAT))
+        connection.service.identity.offer(connection.session, values, image)  # measured later, off this path
 
