@@ -1,0 +1,156 @@
+"""fluidsrv.client against a real loopback server: the whole edit flow, sync and async, and the typed refusals."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fluidsrv.client import (
+    AsyncClient,
+    AsyncSession,
+    BadRequestError,
+    Client,
+    Frame,
+    NoFaceError,
+    NotFoundError,
+    NotReadyError,
+    Progress,
+    TokenError,
+    UnknownSessionError,
+    UnsupportedMediaError,
+)
+from fluidsrv.runtime import Runtime
+from fluidsrv.web import create_app
+from tests.server_support import ADMIN_TOKEN, SMALL_PHOTO, LiveServer, gradient_image, png_bytes, small_settings
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    fast = {"encoder.project": {"steps": 3, "frame_every": 1}, "directions.sefa": {"k": 4}}
+    settings = small_settings(tmp_path_factory.mktemp("client"), finetune_steps=1, plugin_options=fast)
+    with LiveServer(create_app(settings, runtime=Runtime.build(settings))) as host:
+        yield f"http://{host}"
+
+
+@pytest.fixture(scope="module")
+def photo(shared_dir: Path) -> bytes:
+    return (shared_dir / "photos" / SMALL_PHOTO).read_bytes()
+
+
+def pixels(frame: Frame) -> np.ndarray:
+    with Image.open(io.BytesIO(frame.image)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def test_the_whole_edit_flow_through_the_async_client(server: str, photo: bytes) -> None:
+    async def flow() -> None:
+        async with AsyncClient(server) as client:
+            session = await client.create_session(photo, "portrait.jpg")
+            assert session.faces and session.state.status == "uploaded" and session.state.filename == "portrait.jpg"
+            first, second = [direction.name for direction in (await client.directions())[:2]]
+            steps: list[Progress] = []
+            async with session.connect() as live:  # open before the pick: every step of the job arrives here
+                await session.pick_face(0)
+                images: list[Frame] = []
+                ready = await live.wait_ready(on_progress=steps.append, on_image=images.append)
+                assert ready.ready and ready.face_index == 0
+                assert steps and steps[0].stage == "align" and len({step.stage for step in steps}) >= 3, steps
+                assert all(0 <= step.step <= step.total for step in steps if step.total)
+                assert images and all(image.kind == "progress" and image.latency is None for image in images)
+
+                frame0 = await live.preview({first: 0.0}, commit=True)
+                states = [{first: 1.0}, {first: 2.0}, {first: 3.0, second: -2.0}]
+                frames = [frame async for frame in live.sliders(states, commit=True)]
+                seqs = [frame.seq for frame in frames]
+                assert seqs == sorted(seqs) and seqs[-1] == frame0.seq + len(states)  # the last state's frame
+                assert all(frame.kind == "preview" and frame.latency is not None and frame.latency > 0
+                           for frame in [frame0, *frames])
+                shown0, shown1 = pixels(frame0), pixels(frames[-1])
+                assert shown0.shape == (256, 256, 3) and np.abs(shown0.astype(int) - shown1.astype(int)).mean() > 1.0
+
+                undone = await live.undo()
+                assert undone.changed and undone.values == {first: 0.0} and undone.can_redo
+                assert undone.frame is not None and np.array_equal(pixels(undone.frame), shown0)
+                redone = await live.redo()
+                assert redone.values == {first: 3.0, second: -2.0} and not redone.can_redo
+                assert redone.frame is not None and np.array_equal(pixels(redone.frame), shown1)
+                with pytest.raises(BadRequestError) as unknown:
+                    await live.preview({"no-such-slider": 1.0})
+                assert unknown.value.code == "unknown_slider" and unknown.value.seq is not None
+
+            finalize_steps: list[Progress] = []
+            finalized = await session.finalize(on_progress=finalize_steps.append)
+            assert finalized.result and finalized.sliders == {first: 3.0, second: -2.0}
+            assert {step.stage for step in finalize_steps} == {"finalize"}
+            jpeg = await session.result()
+            with Image.open(io.BytesIO(jpeg)) as result, Image.open(io.BytesIO(photo)) as original:
+                assert result.format == "JPEG" and result.size == original.size
+            assert await session.original() == photo
+            await session.delete()
+            with pytest.raises(UnknownSessionError):
+                await session.refresh()
+
+    asyncio.run(flow())
+
+
+def test_the_sync_client_prepares_slides_and_finalizes(server: str, photo: bytes) -> None:
+    with Client(server, admin_token=ADMIN_TOKEN) as client:
+        session = client.create_session(photo)
+        steps: list[Progress] = []
+        assert session.prepare(0, on_progress=steps.append).ready
+        slider = client.directions()[0].name
+        frames = list(session.sliders([{slider: value} for value in (-1.0, 1.0, 2.0)], commit=True))
+        assert frames and frames[-1].seq == 3 and all(frame.image_format == "webp" for frame in frames)
+        assert session.refresh().sliders == {slider: 2.0} and session.state.can_undo
+        assert session.undo().raw["changed"] is True and session.redo().sliders == {slider: 2.0}
+        assert client.stats()["sessions"]["in_memory"] >= 1
+        again = client.session(session.session_id, session.token)  # a session reopened by id and token
+        assert again.state.status == "ready" and again.finalize().result
+        with Image.open(io.BytesIO(again.result())) as result:
+            assert result.format == "JPEG"
+        with session.connect() as live:
+            assert live.state.ready and live.ping() > 0
+
+
+def test_refusals_are_typed(server: str, photo: bytes) -> None:
+    with Client(server) as client:
+        with pytest.raises(NoFaceError) as no_face:
+            client.create_session(png_bytes(gradient_image()))
+        assert (no_face.value.status, no_face.value.code) == (422, "no_face") and no_face.value.message
+        with pytest.raises(UnsupportedMediaError) as garbage:
+            client.create_session(b"this is not an image at all")
+        assert (garbage.value.status, garbage.value.code) == (415, "unsupported_type")
+
+        session = client.create_session(photo)
+        with pytest.raises(BadRequestError) as bad_index:
+            session.pick_face(99)
+        assert bad_index.value.code == "bad_face_index"
+        with pytest.raises(NotReadyError):
+            session.finalize()
+        with pytest.raises(NotReadyError):
+            session.wait_ready()  # no face picked: nothing to wait for
+        with pytest.raises(NotFoundError) as no_result:
+            session.result()
+        assert no_result.value.code == "no_result"
+        with pytest.raises(TokenError) as admin:
+            client.stats()  # this client has no admin token
+        assert admin.value.status == 401
+
+        # a wrong token is answered exactly like an unknown session, over REST and over the websocket
+        for session_id, token in ((session.session_id, "wrong"), ("0" * 32, session.token)):
+            with pytest.raises(UnknownSessionError) as unknown:
+                client.session(session_id, token)
+            assert (unknown.value.status, unknown.value.code) == (404, "unknown_session")
+        with pytest.raises(UnknownSessionError):
+            asyncio.run(open_socket(server, session.session_id, "wrong"))
+
+
+async def open_socket(server: str, session_id: str, token: str) -> None:
+    async with AsyncClient(server) as client, AsyncSession(client, session_id, token, None).connect():
+        pass
