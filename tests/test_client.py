@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fluidsrv.cli import main
 from fluidsrv.client import (
     AsyncClient,
     AsyncSession,
@@ -27,12 +28,20 @@ from fluidsrv.client import (
 )
 from fluidsrv.runtime import Runtime
 from fluidsrv.web import create_app
-from tests.server_support import ADMIN_TOKEN, SMALL_PHOTO, LiveServer, gradient_image, png_bytes, small_settings
+from tests.server_support import (
+    ADMIN_TOKEN,
+    SMALL_PHOTO,
+    LiveServer,
+    free_port,
+    gradient_image,
+    png_bytes,
+    small_settings,
+)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    fast = {"encoder.project": {"steps": 3, "frame_every": 1}, "directions.sefa": {"k": 4}}
+    fast = {"encoder.project": {"steps": 3, "wplus_steps": 3, "frame_every": 1}, "directions.sefa": {"k": 4}}
     settings = small_settings(tmp_path_factory.mktemp("client"), finetune_steps=1, plugin_options=fast)
     with LiveServer(create_app(settings, runtime=Runtime.build(settings))) as host:
         yield f"http://{host}"
@@ -154,3 +163,39 @@ def test_refusals_are_typed(server: str, photo: bytes) -> None:
 async def open_socket(server: str, session_id: str, token: str) -> None:
     async with AsyncClient(server) as client, AsyncSession(client, session_id, token, None).connect():
         pass
+
+
+def test_fluidsrv_edit_drives_a_server(server: str, shared_dir: Path, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    photo = shared_dir / "photos" / SMALL_PHOTO
+    with Client(server, admin_token=ADMIN_TOKEN) as client:
+        slider = client.directions()[0]
+        before = client.stats()["sessions"]["in_memory"]
+        out = tmp_path / "edited.jpg"
+        assert main(["edit", str(photo), "--server", server, "--slider", f"{slider.label}=1.5", "-o", str(out)]) == 0
+        printed = capsys.readouterr()
+        assert f"sliders {slider.name}=+1.5" in printed.out and server in printed.out
+        assert "finetune" in printed.err and "finalize" in printed.err  # the job's progress, drawn on stderr
+        with Image.open(out) as result, Image.open(photo) as original:
+            assert result.format == "JPEG" and result.size == original.size
+
+        assert main(["edit", str(photo), "--server", server, "--list-faces", "--list-sliders"]) == 0
+        listed = capsys.readouterr().out
+        assert "1 face(s)" in listed and "#0  box" in listed and slider.name in listed
+
+        refusals = [
+            (["--slider", "no-such=1", "-o", str(out)], "unknown slider 'no-such'"),
+            (["--slider", f"{slider.name}=99", "-o", str(out)], "goes from"),
+            (["--face", "3", "-o", str(out)], "--face 3"),
+            (["--device", "cpu", "-o", str(out)], "with --server the server's own settings"),
+        ]
+        for extra, message in refusals:
+            assert main(["edit", str(photo), "--server", server, *extra]) == 2
+            assert message in capsys.readouterr().err
+        no_face = tmp_path / "gradient.png"
+        no_face.write_bytes(png_bytes(gradient_image()))
+        assert main(["edit", str(no_face), "--server", server, "-o", str(out)]) == 2
+        assert "no face" in capsys.readouterr().err.lower()
+        assert client.stats()["sessions"]["in_memory"] == before  # every session it made was deleted again
+    assert main(["edit", str(photo), "--server", f"http://127.0.0.1:{free_port()}", "-o", str(out)]) == 2
+    assert "cannot reach" in capsys.readouterr().err

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import math
 import shutil
@@ -18,14 +19,14 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from fluidsrv.cli import CliError
 from fluidsrv.cli.faces import read_photo_bytes
 
 if TYPE_CHECKING:
-    from fluidsrv.service import Direction, EditService, Event, Session
-    from fluidsrv.session.model import JobProgress
+    from fluidsrv.client import AsyncSession, Face
+    from fluidsrv.service import EditService, Event, Session
     from fluidsrv.settings import Settings
 
 JPEG_SUFFIXES = (".jpg", ".jpeg")
@@ -38,7 +39,42 @@ examples:
   fluidsrv edit group.jpg --list-faces
   fluidsrv edit group.jpg --face 1 --list-sliders
   FLUIDSRV_GENERATOR=random:32 FLUIDSRV_ENCODER=project fluidsrv edit photo.jpg --slider "SeFa coarse 1=-2" -o out.jpg
+  fluidsrv edit photo.jpg --server http://gpu-box:8000 --slider age=2 -o older.jpg
 """
+
+
+class Slider(Protocol):
+    """What the checks and listings read of a slider: a direction of the service or of the client."""
+
+    @property
+    def name(self) -> str:
+        """The slider's id."""
+    @property
+    def label(self) -> str:
+        """What a person sees."""
+    @property
+    def group(self) -> str:
+        """The UI group."""
+    @property
+    def slider_range(self) -> tuple[float, float]:
+        """(min, max)."""
+
+
+class JobStep(Protocol):
+    """A job's step as the progress line draws it: the service's ``JobProgress`` or the client's ``Progress``."""
+
+    @property
+    def stage(self) -> str:
+        """The job's stage."""
+    @property
+    def step(self) -> int:
+        """The step reached."""
+    @property
+    def total(self) -> int:
+        """The stage's steps."""
+    @property
+    def message(self) -> str:
+        """What happened."""
 
 
 def register(subparsers: Any) -> None:
@@ -48,7 +84,8 @@ def register(subparsers: Any) -> None:
         help="edit a face of a photo with sliders and write the result as a JPEG",
         description="Upload PHOTO, prepare one of its faces (align, encode, fine-tune), move the sliders given\n"
         "with --slider and write the finalized photo, at its own size, as a JPEG. Runs the server's editing\n"
-        "service in this process (no HTTP): the models and plugins come from the same FLUIDSRV_* settings.",
+        "service in this process (no HTTP): the models and plugins come from the same FLUIDSRV_* settings;\n"
+        "with --server URL, a running fluidsrv server does the work (over HTTP and its websocket).",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -68,6 +105,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--device", help='"auto", "cpu" or a CUDA device such as "cuda:0"')
     parser.add_argument("--generator", help='"embedded", "random:RES" or a path to a generator checkpoint')
     parser.add_argument("--detector", help="detector plugin (default: settings, i.e. $FLUIDSRV_DETECTOR or dlib)")
+    parser.add_argument("--server", metavar="URL",
+                        help="drive the fluidsrv server at URL (e.g. http://127.0.0.1:8000) instead of loading the "
+                        "models here; its own settings choose the models and plugins")
     parser.set_defaults(handler=run)
 
 
@@ -84,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
     if args.face < 0:
         raise CliError(f"--face must be 0 or more, got {args.face}")
     data = read_photo_bytes(args.photo)
+    if args.server:
+        return edit_on_server(args, data, requests)
     settings = Settings.from_env(generator=args.generator, device=args.device, detector=args.detector)
     check_generator(settings)
     with tempfile.TemporaryDirectory(prefix="fluidsrv-edit-") as data_dir:
@@ -140,7 +182,20 @@ def check_generator(settings: Settings) -> None:
         raise CliError(f"generator {spec} does not exist (pass --generator embedded, random:RES or a checkpoint)")
 
 
-def resolve_sliders(requests: Mapping[str, float], directions: Mapping[str, Direction]) -> dict[str, float]:
+def edit_on_server(args: argparse.Namespace, data: bytes, requests: dict[str, float]) -> int:
+    """Run the edit on the server at ``--server`` (the local model flags do not apply there)."""
+    local_only = [flag for flag in ("device", "generator", "detector") if getattr(args, flag)]
+    if local_only:
+        raise CliError(f"--{local_only[0]} chooses the models of a local edit; with --server the server's own "
+                       "settings choose them")
+    try:
+        return asyncio.run(edit_remotely(args, data, requests))
+    except KeyboardInterrupt:
+        print("fluidsrv: interrupted", file=sys.stderr)
+        return 130
+
+
+def resolve_sliders(requests: Mapping[str, float], directions: Mapping[str, Slider]) -> dict[str, float]:
     """Map each requested NAME (a direction's name or label, case-insensitive) to its direction's name.
 
     Raises CliError for an unknown or ambiguous name (listing the sliders) and for a value outside the range.
@@ -158,7 +213,7 @@ def resolve_sliders(requests: Mapping[str, float], directions: Mapping[str, Dire
     return values
 
 
-def find_direction(requested: str, directions: Mapping[str, Direction]) -> Direction:
+def find_direction(requested: str, directions: Mapping[str, Slider]) -> Slider:
     """The direction whose name, else whose label, equals ``requested`` case-insensitively; CliError otherwise."""
     key = requested.casefold()
     by_name = [direction for direction in directions.values() if direction.name.casefold() == key]
@@ -174,16 +229,15 @@ def find_direction(requested: str, directions: Mapping[str, Direction]) -> Direc
     raise CliError(f"unknown slider {requested!r}; available sliders: {available}")
 
 
-def describe_slider_name(direction: Direction) -> str:
+def describe_slider_name(direction: Slider) -> str:
     """``label (name)``, or just the name when the label is the same."""
     if direction.label.casefold() == direction.name.casefold():
         return direction.name
     return f"{direction.label} ({direction.name})"
 
 
-def check_face_index(index: int, session: Session, photo: Path) -> None:
-    """Raise CliError when the photo has no face number ``index``, saying how many faces were found."""
-    count = len(session.faces)
+def check_face_index(index: int, count: int, photo: Path) -> None:
+    """Raise CliError when the photo has no face number ``index``, saying how many faces (``count``) it has."""
     if not 0 <= index < count:
         numbering = "face 0" if count == 1 else f"faces 0 to {count - 1}, left to right"
         raise CliError(f"--face {index}: {photo.name} has {count} face(s) ({numbering}; --list-faces shows them)")
@@ -210,7 +264,7 @@ async def edit_photo(args: argparse.Namespace, settings: Settings, data: bytes, 
         if args.list_faces or args.list_sliders:
             return 0
         values = resolve_sliders(requests, directions)
-        check_face_index(args.face, session, args.photo)
+        check_face_index(args.face, len(session.faces), args.photo)
         jpeg = await prepare_and_finalize(service, session, args.face, values)
         write_result(args.out, jpeg)
         height, width = session.upload.pixels.shape[:2]
@@ -279,7 +333,7 @@ def print_faces(session: Session, photo: Path) -> None:
         print(f"  {describe_face(index, face)}")
 
 
-def print_sliders(directions: Mapping[str, Direction]) -> None:
+def print_sliders(directions: Mapping[str, Slider]) -> None:
     """Print each slider's name, label, range and group."""
     names = max((len(direction.name) for direction in directions.values()), default=4)
     labels = max((len(direction.label) for direction in directions.values()), default=5)
@@ -288,6 +342,71 @@ def print_sliders(directions: Mapping[str, Direction]) -> None:
         low, high = direction.slider_range
         span = f"[{low:g}, {high:g}]"
         print(f"  {direction.name:<{names}}  {direction.label:<{labels}}  {span:<10}  {direction.group}".rstrip())
+
+
+# ---------------------------------------------------------------------------------------------- on a server
+
+
+async def edit_remotely(args: argparse.Namespace, data: bytes, requests: dict[str, float]) -> int:
+    """Upload, list or prepare → slide → finalize on the server at ``args.server`` through :mod:`fluidsrv.client`,
+    write the result and delete the session there."""
+    from fluidsrv.client import ApiError, AsyncClient
+
+    async with AsyncClient(args.server) as client:
+        try:
+            session = await client.create_session(data, args.photo.name)
+        except ApiError as error:
+            raise CliError(f"{args.photo}: {error.message}") from None
+        try:
+            return await _edit_on_server(args, session, requests)
+        except ApiError as error:
+            raise CliError(error.message) from None
+        finally:
+            with contextlib.suppress(ApiError):
+                await session.delete()
+
+
+async def _edit_on_server(args: argparse.Namespace, session: AsyncSession, requests: dict[str, float]) -> int:
+    directions = {direction.name: direction for direction in await session.directions()}
+    if args.list_faces:
+        print_server_faces(session, args.photo.name)
+    if args.list_sliders:
+        print_sliders(directions)
+    if args.list_faces or args.list_sliders:
+        return 0
+    values = resolve_sliders(requests, directions)
+    check_face_index(args.face, len(session.faces), args.photo)
+    progress = JobProgressLine()
+    try:
+        async with session.connect() as live:  # open first, so that every step of the prepare is drawn
+            await session.pick_face(args.face)
+            await live.wait_ready(on_progress=progress.update)
+            if values:
+                await live.preview(values, commit=True)
+        await session.finalize(on_progress=progress.update)
+    finally:
+        progress.close()
+    write_result(args.out, await session.result())
+    state = session.state
+    print(f"wrote {args.out} ({state.width}x{state.height}, face {args.face}, {describe_values(values)}; "
+          f"on {args.server})")
+    return 0
+
+
+def print_server_faces(session: AsyncSession, photo_name: str) -> None:
+    """Print the faces the server found, numbered left to right as ``--face`` takes them."""
+    state = session.state
+    print(f"{photo_name}: {state.width}x{state.height}, {len(state.faces)} face(s), numbered left to right")
+    for face in state.faces:
+        print(f"  {describe_server_face(face)}")
+
+
+def describe_server_face(face: Face) -> str:
+    """One line about a face of the server's answer: index, box, size, score."""
+    x0, y0, x1, y1 = face.box
+    return (f"#{face.index}  box ({x0:.0f}, {y0:.0f}, {x1:.0f}, {y1:.0f})  {x1 - x0:.0f}x{y1 - y0:.0f} px"
+            f"  score {face.score:.2f}  landmarks {len(face.landmarks)}")
+
 
 
 # ---------------------------------------------------------------------------------------------- progress
@@ -315,7 +434,7 @@ class JobProgressLine:
         if isinstance(event, ProgressEvent):
             self.update(event.progress)
 
-    def update(self, progress: JobProgress) -> None:
+    def update(self, progress: JobStep) -> None:
         """Show one step of the job (throttled on a terminal; every tenth, and each stage's last, otherwise)."""
         line = self.render(progress)
         new_stage = progress.stage != self._stage
@@ -334,7 +453,7 @@ class JobProgressLine:
             self.stream.write(line + "\n")
             self.stream.flush()
 
-    def render(self, progress: JobProgress) -> str:
+    def render(self, progress: JobStep) -> str:
         """``stage [####----] step/total message``."""
         fraction = min(max(progress.step / progress.total, 0.0), 1.0) if progress.total > 0 else 1.0
         filled = int(fraction * self.width)

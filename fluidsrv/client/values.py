@@ -76,6 +76,11 @@ class Direction:
                    float(data["max"]), (int(layers[0]), int(layers[1])) if layers else None,
                    str(data.get("provenance", "")), str(data.get("unit", "")))
 
+    @property
+    def slider_range(self) -> tuple[float, float]:
+        """(min, max) of the slider."""
+        return self.min, self.max
+
 
 @dataclass(frozen=True)
 class SessionState:
