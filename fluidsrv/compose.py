@@ -6,6 +6,11 @@ inside the inner region; the seam where the old head was but the new one is not 
 :mod:`fluidsrv.masks`). The result differs from the old outer crop only inside the returned
 ``changed`` mask, which the caller uses to paste back into the photo.
 
+Outside the inner crop the new head is predicted (:mod:`fluidsrv.outer_seg`): the baseline knows only the inner
+parse, so every old head pixel outside the inner crop is inpainted; a landmark warp moves the old head there with
+the edit and shows it with the old crop's pixels moved the same way, cross-faded into the render over the inner
+crop's edge.
+
 This is the ``replace`` mode of finalize (``FLUIDSRV_PHOTO_DETAIL=replace``), suited to a generator whose
 resolution matches the photo's face; the default ``transfer`` mode lays only the render's change over the photo
 (:mod:`fluidsrv.transfer`).
@@ -18,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fluidsrv.masks import border_band, dilate, feather, seam_mask
+from fluidsrv.outer_seg import InnerOnly, LandmarkMotion, OuterHead, OuterHeadPredictor
 from fluidsrv.stages import Inpainter, Segmenter
 
 HEAD_PARTS = ("face", "hair")
@@ -39,7 +45,8 @@ class Composition:
     image: np.ndarray  # uint8 [So, So, 3]
     changed: np.ndarray  # bool [So, So]: a margin around every pixel that differs from the old crop
     seam: np.ndarray  # bool [So, So]: the inpainted pixels
-    shown: np.ndarray  # float32 [So, So]: the weight of the new face in ``image`` (c ∩ d, feathered)
+    shown: np.ndarray  # float32 [So, So]: the weight of the new head in ``image`` (c ∩ (d ∪ k), feathered)
+    predicted: OuterHead | None = None  # the new head over the outer crop (None: an older caller's composition)
 
 
 def head_mask(parts: dict[str, np.ndarray]) -> np.ndarray:
@@ -72,10 +79,15 @@ def compose_outer(
     inpainter: Inpainter,
     config: ComposeConfig | None = None,
     old_head: np.ndarray | None = None,
+    *,
+    predictor: OuterHeadPredictor | None = None,
+    motion: LandmarkMotion | None = None,
 ) -> Composition:
     """Return the old outer crop with ``new_inner`` shown where the new head is and the seam inpainted.
 
     ``old_head`` is :func:`parse_head` of ``old_outer`` when the caller already has it (it is parsed otherwise).
+    ``predictor`` (default: the baseline, the inner parse alone) predicts the new head outside the inner crop
+    from ``motion``, the landmarks' motion between the unedited and the edited render in inner-crop pixels.
     """
     config = config or ComposeConfig()
     outer_size, size = old_outer.shape[0], new_inner.shape[0]
@@ -86,13 +98,20 @@ def compose_outer(
 
     if old_head is None:
         old_head = parse_head(old_outer, segmenter)  # a before dilation, [So, So]
-    new_head = place_inner(parse_head(new_inner, segmenter), outer_size, offset)  # c, [So, So]
+    inner_head = place_inner(parse_head(new_inner, segmenter), outer_size, offset)  # the inner parse, [So, So]
     inner_region = place_inner(np.ones((size, size), dtype=bool), outer_size, offset)  # d, [So, So]
-    seam = seam_mask(old_head, new_head, inner_region, dilation=dilation, border=border)
+    predicted = (predictor or InnerOnly()).predict(
+        old_head, inner_head, inner_region, motion.in_outer(offset) if motion is not None else None)
+    new_head = predicted.head  # c, [So, So]
+    seam = seam_mask(old_head, new_head, inner_region, dilation=dilation, border=border, carried=predicted.carried)
 
-    shown = new_head & inner_region  # c ∩ d
+    kept = predicted.kept(inner_region)  # the new head outside d, shown with the old crop's moved pixels
+    shown = (new_head & inner_region) | kept  # c ∩ (d ∪ k)
     alpha = feather(shown, soft)[..., None]  # [So, So, 1]
     placed_inner = place_inner(new_inner, outer_size, offset).astype(np.float32)
+    if kept.any():  # the render fades into the moved old crop over the inner crop's edge
+        fade = feather(inner_region, soft)[..., None]
+        placed_inner = placed_inner * fade + predicted.moved(old_outer).astype(np.float32) * (1.0 - fade)
     blended = old_outer.astype(np.float32) * (1.0 - alpha) + placed_inner * alpha
     composite = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
     composite = inpainter.inpaint(composite, seam)
@@ -100,4 +119,4 @@ def compose_outer(
     # everything that differs lies within the dilated heads; the extra margin lets a soft paste-back
     # weight reach 1 before the first changed pixel
     changed = dilate(old_head | new_head, dilation + 3 * soft) & ~border_band(old_head.shape, border)
-    return Composition(image=composite, changed=changed, seam=seam, shown=alpha[..., 0])
+    return Composition(image=composite, changed=changed, seam=seam, shown=alpha[..., 0], predicted=predicted)

@@ -4,7 +4,9 @@ All masks live in the frame of the *outer* crop. With a/b the dilated old/new fa
 face+hair, d the region covered by the inner crop and e a band along the outer crop's border, the
 region to inpaint is ``(a ∪ b) ∩ ¬(c ∩ d) ∩ ¬e``: wherever the old or the new head was (plus a
 margin), except where the new face itself is shown and except the border that must stay continuous
-with the rest of the photo.
+with the rest of the photo. When the new head is predicted over the whole outer crop (:mod:`fluidsrv.outer_seg`)
+and the old head moved with it (``k``, the old head carried into the new frame), the new head outside the inner
+crop is shown with those carried pixels and not inpainted either: ``(a ∪ b) ∩ ¬(c ∩ (d ∪ k)) ∩ ¬e``.
 """
 
 from __future__ import annotations
@@ -51,17 +53,21 @@ def seam_mask(
     *,
     dilation: int,
     border: int,
+    carried: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Return the bool region to inpaint: ``(a ∪ b) ∩ ¬(c ∩ d) ∩ ¬e`` in outer-crop pixels.
+    """Return the bool region to inpaint: ``(a ∪ b) ∩ ¬(c ∩ (d ∪ k)) ∩ ¬e`` in outer-crop pixels.
 
-    ``old_head``: face+hair of the old outer crop; ``new_head``: face+hair of the new inner face placed
-    in the outer frame; ``inner_region``: where the inner crop covers the outer crop (all [H, W]).
+    ``old_head``: face+hair of the old outer crop; ``new_head``: face+hair of the new head in the outer frame
+    (the new inner face's parse, or a prediction over the whole crop); ``inner_region``: where the inner crop
+    covers the outer crop; ``carried`` (k): the old head moved into the new frame, shown where the new head is
+    outside the inner crop (None: nothing is, ``(a ∪ b) ∩ ¬(c ∩ d) ∩ ¬e``). All [H, W].
     """
     old_head, new_head, inner_region = binarize(old_head), binarize(new_head), binarize(inner_region)
     assert old_head.shape == new_head.shape == inner_region.shape, "masks must share the outer-crop frame"
     a = dilate(old_head, dilation)
     b = dilate(new_head, dilation)
-    shown_new_face = new_head & inner_region  # c ∩ d
+    shown_region = inner_region if carried is None else inner_region | binarize(carried)  # d ∪ k
+    shown_new_face = new_head & shown_region  # c ∩ (d ∪ k)
     e = border_band(old_head.shape, border)
     return (a | b) & ~shown_new_face & ~e
 

@@ -52,3 +52,22 @@ def test_feather_is_soft_inside_and_zero_outside() -> None:
     assert alpha[~dilate(mask, 1)].max() < 1e-3
     edge = alpha[32, 32 + 18]
     assert 0.0 < edge < 1.0
+
+
+def test_seam_mask_shows_the_carried_old_head_outside_the_inner_region() -> None:
+    shape = (96, 96)
+    old_head = disc(shape, (34, 48), 30)  # (row, column): reaches past the inner region at the top
+    new_head = disc(shape, (32, 50), 30)  # predicted over the whole frame
+    carried = disc(shape, (32, 50), 30)  # the old head moved with the landmarks
+    inner = np.zeros(shape, bool)
+    inner[16:80, 16:80] = True
+    mask = seam_mask(old_head, new_head, inner, dilation=3, border=4, carried=carried)
+    a, b = dilate(old_head, 3), dilate(new_head, 3)
+    expected = (a | b) & ~(new_head & (inner | carried)) & ~border_band(shape, 4)
+    assert np.array_equal(mask, expected)
+    outside_kept = new_head & carried & ~inner
+    assert outside_kept[8, 50] and not mask[8, 50]  # the carried hair above the inner region is shown, not filled
+    assert seam_mask(old_head, new_head, inner, dilation=3, border=4)[8, 50]  # without it, it is filled
+    assert mask[4, 50] == (not outside_kept[4, 50])  # the moved rim: old head, not carried there
+    assert np.array_equal(seam_mask(old_head, new_head, inner, dilation=3, border=4, carried=np.zeros(shape, bool)),
+                          seam_mask(old_head, new_head, inner, dilation=3, border=4))
