@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -199,3 +200,18 @@ def test_fluidsrv_edit_drives_a_server(server: str, shared_dir: Path, tmp_path: 
         assert client.stats()["sessions"]["in_memory"] == before  # every session it made was deleted again
     assert main(["edit", str(photo), "--server", f"http://127.0.0.1:{free_port()}", "-o", str(out)]) == 2
     assert "cannot reach" in capsys.readouterr().err
+
+
+def test_the_readme_example_runs(server: str, shared_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("### Example client (Python)\n"):]
+    source = re.search(r"^```python\n(.*?)^```", section, flags=re.MULTILINE | re.DOTALL)
+    assert source is not None and "from fluidsrv.client import" in source.group(1)
+    photo = shared_dir / "photos" / SMALL_PHOTO
+    code = source.group(1).replace('"http://127.0.0.1:8000"', repr(server)).replace('"photo.jpg"', repr(str(photo)))
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md example client", "exec"), {"__name__": "readme_example"})
+    assert re.search(r"^frame 21: \d+ ms$", capsys.readouterr().out, flags=re.MULTILINE)
+    with Image.open(tmp_path / "edited.jpg") as result, Image.open(photo) as original:
+        assert result.format == "JPEG" and result.size == original.size
