@@ -215,3 +215,12 @@ def test_the_readme_example_runs(server: str, shared_dir: Path, tmp_path: Path, 
     assert re.search(r"^frame 21: \d+ ms$", capsys.readouterr().out, flags=re.MULTILINE)
     with Image.open(tmp_path / "edited.jpg") as result, Image.open(photo) as original:
         assert result.format == "JPEG" and result.size == original.size
+
+
+def test_the_client_imports_only_the_wire_format_from_the_package() -> None:
+    from tests.test_architecture import import_graph
+
+    graph = import_graph()
+    client = {name for name in graph if name == "fluidsrv.client" or name.startswith("fluidsrv.client.")}
+    leaks = {name: sorted(graph[name] - client - {"fluidsrv.protocol", "fluidsrv.errors"}) for name in client}
+    assert client and not any(leaks.values()), leaks
