@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import re
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -94,8 +94,19 @@ def test_the_whole_edit_flow_through_the_async_client(server: str, photo: bytes)
                     await live.preview({"no-such-slider": 1.0})
                 assert unknown.value.code == "unknown_slider" and unknown.value.seq is not None
 
-            finalize_steps: list[Progress] = []
-            finalized = await session.finalize(on_progress=finalize_steps.append)
+                # slide while the session finalizes: the job's progress comes among the socket's other messages
+                finalize_steps: list[Progress] = []
+                finalizing = asyncio.ensure_future(session.finalize(on_progress=finalize_steps.append))
+
+                async def until_finalized() -> AsyncIterator[dict[str, float]]:
+                    yield {first: 3.0, second: -2.0}
+                    await finalizing
+                    yield {first: 3.0, second: -2.0}
+
+                others: list[object] = []
+                assert [frame async for frame in live.sliders(until_finalized(), on_event=others.append)]
+                assert any(isinstance(other, Progress) and other.stage == "finalize" for other in others), others
+            finalized = finalizing.result()
             assert finalized.result and finalized.sliders == {first: 3.0, second: -2.0}
             assert {step.stage for step in finalize_steps} == {"finalize"}
             jpeg = await session.result()

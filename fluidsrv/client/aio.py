@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 
 from fluidsrv.client.errors import NotReadyError, ProtocolError, error_from_body
-from fluidsrv.client.live import AsyncLiveSession, SliderStates
+from fluidsrv.client.live import AsyncLiveSession, Message, SliderStates
 from fluidsrv.client.values import Direction, Face, Frame, Progress, SessionState
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -227,12 +227,12 @@ class AsyncSession:
         await self.pick_face(index)
         return await self.wait_ready(on_progress, timeout=timeout)
 
-    async def sliders(self, states: SliderStates, *, rate: float | None = None,
-                      commit: bool = False) -> AsyncIterator[Frame]:
+    async def sliders(self, states: SliderStates, *, rate: float | None = None, commit: bool = False,
+                      on_event: Callable[[Message], object] | None = None) -> AsyncIterator[Frame]:
         """Send slider states over a websocket of its own and yield their preview frames (see
         :meth:`AsyncLiveSession.sliders`)."""
         async with self.connect() as live:
-            async for frame in live.sliders(states, rate=rate, commit=commit):
+            async for frame in live.sliders(states, rate=rate, commit=commit, on_event=on_event):
                 yield frame
 
     async def undo(self) -> SessionState:

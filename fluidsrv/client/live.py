@@ -148,13 +148,14 @@ class AsyncLiveSession:
         await self._socket.send(json.dumps({**message, "seq": seq}))
         return seq
 
-    async def sliders(self, states: SliderStates, *, rate: float | None = None,
-                      commit: bool = False) -> AsyncIterator[Frame]:
+    async def sliders(self, states: SliderStates, *, rate: float | None = None, commit: bool = False,
+                      on_event: Callable[[Message], object] | None = None) -> AsyncIterator[Frame]:
         """Send each slider state (the whole state, {name: value}) and yield the preview frames as they arrive.
 
         ``rate``: states per second (default: as fast as they come); the server renders only the newest waiting
         state, so some states get no frame. The iteration ends with the frame of the last state; with ``commit``
         the last state is recorded in the undo history, and the iteration ends once it is on disk too.
+        ``on_event`` gets every other message that arrives meanwhile (e.g. ``identity`` events, job progress).
         """
         last: list[int] = []  # the last seq, once every state is sent
         sender = asyncio.ensure_future(self._send_states(states, rate, commit, last))
@@ -176,6 +177,8 @@ class AsyncLiveSession:
                 elif isinstance(message, Event) and message.type == "saved" and last and message.data.get(
                         "seq") == last[0]:
                     saved = True
+                elif on_event is not None:
+                    on_event(message)
         finally:
             if not sender.done():
                 sender.cancel()

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import httpx
 
 from fluidsrv.client.aio import DEFAULT_TIMEOUT, DEFAULT_URL, AsyncClient, AsyncSession, LayerRange, Photo
-from fluidsrv.client.live import AsyncLiveSession
+from fluidsrv.client.live import AsyncLiveSession, Message
 from fluidsrv.client.values import Direction, Face, Frame, HistoryStep, Progress, SessionState
 
 T = TypeVar("T")
@@ -179,10 +179,10 @@ class Session:
         """The session's websocket (a context manager: ``with session.connect() as live: ...``)."""
         return LiveSession(self._loop, self._loop.run(self.aio.open_socket()))
 
-    def sliders(self, states: Sequence[Mapping[str, float]], *, rate: float | None = None,
-                commit: bool = False) -> Iterator[Frame]:
+    def sliders(self, states: Sequence[Mapping[str, float]], *, rate: float | None = None, commit: bool = False,
+                on_event: Callable[[Message], object] | None = None) -> Iterator[Frame]:
         """Send slider states over a websocket of its own and yield their preview frames."""
-        return self._loop.iterate(self.aio.sliders(states, rate=rate, commit=commit))
+        return self._loop.iterate(self.aio.sliders(states, rate=rate, commit=commit, on_event=on_event))
 
     def undo(self) -> SessionState:
         """Step back in the committed slider history (REST)."""
@@ -248,10 +248,10 @@ class LiveSession:
         """Wait until the face is ready."""
         return self._loop.run(self.aio.wait_ready(on_progress, on_image, timeout))
 
-    def sliders(self, states: Sequence[Mapping[str, float]], *, rate: float | None = None,
-                commit: bool = False) -> Iterator[Frame]:
+    def sliders(self, states: Sequence[Mapping[str, float]], *, rate: float | None = None, commit: bool = False,
+                on_event: Callable[[Message], object] | None = None) -> Iterator[Frame]:
         """Send slider states and yield their preview frames."""
-        return self._loop.iterate(self.aio.sliders(states, rate=rate, commit=commit))
+        return self._loop.iterate(self.aio.sliders(states, rate=rate, commit=commit, on_event=on_event))
 
     def preview(self, values: Mapping[str, float], commit: bool = False) -> Frame:
         """Send one slider state and return its frame."""
