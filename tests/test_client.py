@@ -235,3 +235,18 @@ def test_the_client_imports_only_the_wire_format_from_the_package() -> None:
     client = {name for name in graph if name == "fluidsrv.client" or name.startswith("fluidsrv.client.")}
     leaks = {name: sorted(graph[name] - client - {"fluidsrv.protocol", "fluidsrv.errors"}) for name in client}
     assert client and not any(leaks.values()), leaks
+
+
+def test_error_codes_map_to_their_families() -> None:
+    from fluidsrv.client import BusyError, ClientError, RateLimitedError, ServerError, TooLargeError
+    from fluidsrv.client.errors import error_for, error_from_body
+
+    assert type(error_for("upload_too_large", "big", 413)) is TooLargeError
+    assert type(error_for("too_many_sockets", "full", seq=None)) is RateLimitedError
+    busy = error_for("superseded", "newer", seq=7)  # a websocket event: no HTTP status, its family's
+    assert type(busy) is BusyError and (busy.status, busy.seq) == (409, 7)
+    assert type(error_for("some_new_code", "?", 404)) is NotFoundError  # an unknown code: by its status
+    assert type(error_for("some_new_code", "?", 503)) is ServerError
+    assert type(error_for("some_new_code", "?")) is BadRequestError
+    plain = error_from_body(502, "<html>bad gateway</html>")  # a proxy's answer, not the server's JSON
+    assert isinstance(plain, ServerError) and isinstance(plain, ClientError) and plain.status == 502
