@@ -159,9 +159,10 @@ class AsyncLiveSession:
         """
         last: list[int] = []  # the last seq, once every state is sent
         sender = asyncio.ensure_future(self._send_states(states, rate, commit, last))
-        answered, saved = 0, not commit
+        answered = 0  # the newest seq answered (by its frame, or superseded)
+        saved: set[object] = set()  # the seqs of committed states on disk
         try:
-            while not (sender.done() and (not last or (answered >= last[0] and saved))):
+            while not (sender.done() and (not last or (answered >= last[0] and (not commit or last[0] in saved)))):
                 message = await self._receive_while(sender)
                 if message is None:
                     continue
@@ -174,9 +175,8 @@ class AsyncLiveSession:
                     answered = max(answered, message.seq)
                     self._forget_sent(message.seq)
                     yield message
-                elif isinstance(message, Event) and message.type == "saved" and last and message.data.get(
-                        "seq") == last[0]:
-                    saved = True
+                elif isinstance(message, Event) and message.type == "saved":
+                    saved.add(message.data.get("seq"))
                 elif on_event is not None:
                     on_event(message)
         finally:
