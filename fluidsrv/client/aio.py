@@ -29,8 +29,8 @@ LayerRange = str | tuple[int, int]
 class AsyncClient:
     """A fluidsrv server at ``base_url``: its config, directions, sessions and latent tools.
 
-    ``admin_token`` is sent to the admin routes (``stats``, ``switch_stage``); ``transport`` may replace the
-    network (e.g. ``httpx.ASGITransport(app)`` for the REST routes of an app in this process).
+    ``admin_token`` is sent to the admin routes (``stats``, ``switch_stage``); ``timeout`` bounds each request
+    (finalize answers once the photo is made); ``transport`` may replace httpx's network (e.g. a mock in tests).
     """
 
     def __init__(self, base_url: str = DEFAULT_URL, *, admin_token: str | None = None,
@@ -60,6 +60,9 @@ class AsyncClient:
             headers["Authorization"] = f"Bearer {bearer}"
         try:
             response = await self.http.request(method, path, headers=headers, **options)
+        except httpx.TimeoutException:
+            raise ProtocolError(f"{method} {path} got no answer within {self.http.timeout.read} s", 504,
+                                "timeout") from None
         except httpx.TransportError as error:
             raise ProtocolError(f"cannot reach {self.base_url}: {error}", 503, "unreachable") from None
         if response.status_code >= 400:
