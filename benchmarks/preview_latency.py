@@ -20,7 +20,13 @@ COMMIT``), every server on its own port and data folder, all started and prepare
 are pooled over the rounds. The table gives each tree and the ratios after / before of p50, p95 and frames/s.
 Each server imports ``fluidsrv`` and ``fluidsrv_plugins`` from its own checkout (checked from its log).
 
+``--identity-meter on-off`` runs this tree twice in the same way: one server with the live identity meter on
+(``FLUIDSRV_IDENTITY_METER=dlib``, "on") and one with it off ("off"); the ratios are on / off (the goal: p50 and
+p95 within 10 %). Each row also counts the identity readings the clients received. ``--identity-meter on`` or
+``off`` sets it for every server.
+
     .venv/bin/python benchmarks/preview_latency.py                      # both scenarios, this tree
+    .venv/bin/python benchmarks/preview_latency.py --scenarios clients --clients 1,8 --identity-meter on-off
     .venv/bin/python benchmarks/preview_latency.py --scenarios finalize --before /tmp/fluidsrv-before --rounds 2
 """
 
@@ -56,7 +62,7 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
-def server_env(args: argparse.Namespace, data_dir: Path) -> dict[str, str]:
+def server_env(args: argparse.Namespace, data_dir: Path, meter: str) -> dict[str, str]:
     return {
         **os.environ,
         "FLUIDSRV_GENERATOR": args.generator,
@@ -67,6 +73,7 @@ def server_env(args: argparse.Namespace, data_dir: Path) -> dict[str, str]:
         "FLUIDSRV_FINETUNE": args.finetune,
         "FLUIDSRV_FINETUNE_STEPS": str(args.finetune_steps),
         "FLUIDSRV_PLUGIN_OPTIONS": json.dumps({"encoder.project": {"steps": args.project_steps}}),
+        **({"FLUIDSRV_IDENTITY_METER": "dlib" if meter == "on" else "off"} if meter else {}),
     }
 
 
@@ -100,18 +107,24 @@ async def prepare_session(http: httpx.AsyncClient, host: str, photo: bytes) -> d
     return created
 
 
-async def drag(host: str, session: dict[str, Any], slider: str, messages: int, rate: float) -> tuple[list[float], int]:
-    """Send ``messages`` slider states at ``rate``/s; return frame latencies (s) and the frame count."""
+async def drag(host: str, session: dict[str, Any], slider: str, messages: int,
+               rate: float) -> tuple[list[float], int, int]:  # fmt: skip
+    """Send ``messages`` slider states at ``rate``/s; return frame latencies (s), the frame count and how many
+    identity readings came meanwhile."""
     url = f"ws://{host}/api/sessions/{session['session_id']}/ws?token={session['token']}"
     sent: dict[int, float] = {}
     latencies: list[float] = []
+    readings = 0
     async with websockets.connect(url, max_size=None) as ws:
         await ws.recv()  # state
 
         async def receive() -> None:
+            nonlocal readings
             while True:
                 message = await ws.recv()
-                if isinstance(message, bytes) and message[2] == 1:
+                if isinstance(message, str):
+                    readings += '"type": "identity"' in message
+                elif message[2] == 1:
                     seq = int.from_bytes(message[4:8], "big")
                     latencies.append(time.perf_counter() - sent[seq])
                     if seq == messages - 1:
@@ -124,7 +137,7 @@ async def drag(host: str, session: dict[str, Any], slider: str, messages: int, r
             await ws.send(json.dumps({"seq": seq, "values": {slider: value}}))
             await asyncio.sleep(1.0 / rate)
         await asyncio.wait_for(receiver, timeout=600)
-    return latencies, len(latencies)
+    return latencies, len(latencies), readings
 
 
 async def drag_all(host: str, sessions: list[dict[str, Any]], clients: int, slider: str,
@@ -136,6 +149,7 @@ async def drag_all(host: str, sessions: list[dict[str, Any]], clients: int, slid
     )
     return {"latencies": [value for result in results for value in result[0]],
             "frames": sum(result[1] for result in results), "seconds": time.perf_counter() - started,
+            "identity_readings": sum(result[2] for result in results),
             "window": (started, time.perf_counter())}  # fmt: skip
 
 
@@ -187,8 +201,8 @@ async def drag_while_finalizing(http: httpx.AsyncClient, host: str, sessions: li
 class Tree:
     """One checkout's running server, its prepared sessions and its raw measurements per scenario row."""
 
-    def __init__(self, label: str, root: Path, url: str) -> None:
-        self.label, self.root, self.url = label, root, url
+    def __init__(self, label: str, root: Path, url: str, meter: str = "") -> None:
+        self.label, self.root, self.url, self.meter = label, root, url, meter
         self.host = url.removeprefix("http://")
         self.checkout = describe_checkout(root)
         self.sessions: list[dict[str, Any]] = []
@@ -241,6 +255,7 @@ class Tree:
             frames, seconds = sum(row["frames"] for row in rounds), sum(row["seconds"] for row in rounds)
             entry: dict[str, Any] = {
                 "row": name, "rounds": len(rounds), "frames": frames,
+                "identity_readings": sum(row.get("identity_readings", 0) for row in rounds),
                 "frames_per_second": round(frames / seconds, 2),
                 "latency_p50_ms": round(1000 * statistics.median(latencies), 1),
                 "latency_p95_ms": round(1000 * percentile(latencies, 0.95), 1),
@@ -257,7 +272,7 @@ class Tree:
                              finalize_refused=sum(row["finalize_refused"] for row in rounds))  # fmt: skip
             rows.append(entry)
         generator = self.config.get("generator", {})
-        return {"label": self.label, "checkout": self.checkout, "url": self.url,
+        return {"label": self.label, "checkout": self.checkout, "url": self.url, "identity_meter": self.meter or None,
                 "generator": generator, "device": generator.get("device"),
                 "previewer": self.config.get("active", {}).get("previewer"), "slider": self.slider,
                 "prepare_s_per_session": round(self.prepare_s, 2), "rows": rows}  # fmt: skip
@@ -285,7 +300,8 @@ def print_table(report: dict[str, Any]) -> None:
         print(f"{tree['label']}: {tree['checkout']['path']} @ {commit}; previewer {tree['previewer']} on "
               f"{tree['device']}, generator {tree['generator'].get('source')}; "
               f"prepare {tree['prepare_s_per_session']} s/session")
-    print(f"\n{'row':<28} {'tree':<8} {'frames':>7} {'frames/s':>9} {'p50 ms':>8} {'p95 ms':>8}  finalizes")
+    print(f"\n{'row':<28} {'tree':<8} {'frames':>7} {'frames/s':>9} {'p50 ms':>8} {'p95 ms':>8} {'identity':>8}  "
+          "finalizes")
     names = [row["row"] for row in trees[0]["rows"]]
     for name in names:
         for tree in trees:
@@ -297,12 +313,12 @@ def print_table(report: dict[str, Any]) -> None:
                 extra = (f"  {row['finalizes']} (mean {row['finalize_mean_s']} s, busy "
                          f"{100 * row['finalize_busy']:.0f} % of the drag)")
             print(f"{name:<28} {tree['label']:<8} {row['frames']:>7} {row['frames_per_second']:>9} "
-                  f"{row['latency_p50_ms']:>8} {row['latency_p95_ms']:>8}{extra}")
+                  f"{row['latency_p50_ms']:>8} {row['latency_p95_ms']:>8} {row['identity_readings']:>8}{extra}")
         for comparison in report.get("ratios", []):
             for row in comparison["rows"]:
                 if row["row"] == name:
                     print(f"{name:<28} {'ratio':<8} {'':>7} {row['frames_per_second']:>9} "
-                          f"{row['latency_p50_ms']:>8} {row['latency_p95_ms']:>8}  "
+                          f"{row['latency_p50_ms']:>8} {row['latency_p95_ms']:>8} {'':>8}  "
                           f"({comparison['after']} / {comparison['before']})")
 
 
@@ -327,11 +343,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         type=lambda text: [Path(part).resolve() for part in text.split(",") if part],
                         help="other checkouts (comma list) to measure in the same run, alternating with this one")
     parser.add_argument("--rounds", type=int, default=2, help="rounds per tree (alternating between the trees)")
+    parser.add_argument("--identity-meter", choices=("", "on", "off", "on-off"), default="",
+                        help="the live identity meter: on (dlib) or off on every server, or on-off: this tree twice, "
+                             "meter on and off, alternating (ratios on / off); default: the server's setting")
     parser.add_argument("--json", type=Path, help="also write the JSON here")
     args = parser.parse_args(argv)
     unknown = set(args.scenarios) - set(SCENARIOS)
     if unknown or not args.scenarios:
         parser.error(f"--scenarios takes a comma list of {', '.join(SCENARIOS)}")
+    if args.identity_meter == "on-off" and args.compare:
+        parser.error("--identity-meter on-off compares this tree with itself: it does not go with --compare")
     for root in args.compare:
         if not (root / "fluidsrv" / "__init__.py").is_file() or not (root / "plugins" / "__init__.py").is_file():
             parser.error(f"{root} is not a checkout of this repository (no fluidsrv/ and plugins/)")
@@ -353,24 +374,28 @@ async def measure(args: argparse.Namespace, trees: list[Tree]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    checkouts = [("after" if args.compare else "current", REPO)]
-    checkouts += [("before" if len(args.compare) == 1 else f"before{i + 1}", root) for i, root in
+    meter = args.identity_meter
+    checkouts = [("after" if args.compare else "current", REPO, meter)]
+    checkouts += [("before" if len(args.compare) == 1 else f"before{i + 1}", root, meter) for i, root in
                   enumerate(args.compare)]  # fmt: skip
+    if meter == "on-off":
+        checkouts = [("on", REPO, "on"), ("off", REPO, "off")]
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="preview-latency-") as scratch, ExitStack() as stack:
         trees = []
-        for label, root in checkouts:
+        for label, root, tree_meter in checkouts:
             folder = Path(scratch) / label
             (folder / "data").mkdir(parents=True)
-            url = stack.enter_context(live_server.serve(args.generator, args.device, server_env(args, folder / "data"),
-                                                        folder / "server.log", checkout=root))  # fmt: skip
+            env = server_env(args, folder / "data", tree_meter)
+            url = stack.enter_context(live_server.serve(args.generator, args.device, env, folder / "server.log",
+                                                        checkout=root))  # fmt: skip
             imported = live_server.checked_imports(folder / "server.log", root)
             print(f"{label}: {root} serving at {url}, imports {imported}", file=sys.stderr)
-            trees.append(Tree(label, root, url))
+            trees.append(Tree(label, root, url, tree_meter))
         try:
             asyncio.run(measure(args, trees))
         except BaseException:
-            for label, _ in checkouts:  # the logs go with the scratch folder: show their ends first
+            for label, _, _ in checkouts:  # the logs go with the scratch folder: show their ends first
                 tail = (Path(scratch) / label / "server.log").read_text(errors="replace")[-3000:]
                 print(f"--- {label} server log (end) ---\n{tail}", file=sys.stderr)
             raise
@@ -381,7 +406,7 @@ def main(argv: list[str] | None = None) -> None:
         "finetune_steps": args.finetune_steps, "photo": args.photo, "seconds": round(time.perf_counter() - began, 1),
         "trees": [{**tree.report(), "executor": stat} for tree, stat in zip(trees, stats)],
     }  # fmt: skip
-    if args.compare:
+    if args.compare or meter == "on-off":
         after = report["trees"][0]
         report["ratios"] = [{"after": after["label"], "before": before["label"], "rows": ratios(after, before)}
                             for before in report["trees"][1:]]  # fmt: skip

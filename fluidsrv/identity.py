@@ -7,9 +7,9 @@ buffalo_l pack, ``glintr100.onnx``, ``w600k_mbf.onnx``; cosine distance). Where 
 reference crop and reused for every edited crop of it, so an edit that moves the face is measured, not re-found.
 
 :class:`IdentityMeter` runs the embedder in one worker process (``python -c``, so no main module is imported
-again) at a lowered CPU priority: dlib holds the GIL for the whole ~0.1 s of a descriptor, so in a thread it would
-stall the event loop and the device worker that render previews. The worker keeps the reference embeddings it has
-made (by key), so a session's aligned upload face is embedded once.
+again) at the lowest CPU priority (SCHED_IDLE): dlib holds the GIL for the whole ~0.1 s of a descriptor, so in a
+thread it would stall the event loop and the device worker that render previews. The worker keeps the reference
+embeddings it has made (by key), so a session's aligned upload face is embedded once.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import math
 import os
 import pickle
 import struct
@@ -36,10 +37,13 @@ ARCFACE_SIDE = 112
 ARCFACE_TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
                              [41.5493, 92.3655], [70.7299, 92.2041]])  # insightface's 5 points in a 112² crop
 ARCFACE_SAME_PERSON = 0.65  # cosine distance (1 − cosine similarity 0.35), a usual ArcFace verification threshold
-WORKER_NICE = 10  # the worker's CPU priority is lowered by this much: previews win any contention
+WORKER_NICE = 19  # where SCHED_IDLE is missing, the worker's niceness instead
 REFERENCES_KEPT = 128  # reference embeddings the worker keeps (least recently used dropped first)
 EMBEDDERS = ("auto", "dlib", "arcface", "off")
-WORKER_COMMAND = "from fluidsrv.identity import serve_worker; serve_worker()"
+# the worker imports only the modules it needs: a bare package module stands in for fluidsrv/__init__.py (which
+# loads torch and the plugin API), so it starts in about a second
+WORKER_COMMAND = ("import sys, types; package = types.ModuleType('fluidsrv'); package.__path__ = [sys.argv[1]]; "
+                  "sys.modules['fluidsrv'] = package; from fluidsrv.identity import serve_worker; serve_worker()")
 _LENGTH = struct.Struct(">I")  # the length of each pickled message on the worker's pipes
 
 
@@ -229,7 +233,7 @@ def serve_worker() -> None:
     """
     requests, replies = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr
-    os.nice(WORKER_NICE)
+    lower_priority()
     choice = _read_message(requests)
     measurer = Measurer(build_embedder(choice))
     _write_message(replies, ("ready", None))
@@ -243,6 +247,15 @@ def serve_worker() -> None:
         except Exception as error:
             reply = ("error", f"{type(error).__name__}: {error}")
         _write_message(replies, reply)
+
+
+def lower_priority() -> None:
+    """Run this process only when the CPU is otherwise idle (Linux SCHED_IDLE), else at the lowest niceness: the
+    meter then never takes CPU time from the previews it measures, it only lags behind them."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # type: ignore[attr-defined,unused-ignore]
+    except (AttributeError, OSError):
+        os.nice(WORKER_NICE)
 
 
 def _read_message(stream: BinaryIO) -> Any:
@@ -262,15 +275,20 @@ def decode_face(image: bytes | PhotoCrop) -> np.ndarray:
     """An aligned face crop as uint8 RGB: an encoded crop (a preview frame), or the crop of a finalized photo."""
     from PIL import Image
 
-    encoded = image.encoded if isinstance(image, PhotoCrop) else image
-    with Image.open(io.BytesIO(encoded)) as opened:
-        pixels = np.asarray(opened.convert("RGB"))
     if not isinstance(image, PhotoCrop):
-        return pixels
+        with Image.open(io.BytesIO(image)) as opened:
+            return np.asarray(opened.convert("RGB"))
     from fluidsrv.crops import CropTransform
     from fluidsrv.geometry import warp_crop
 
-    return warp_crop(pixels, CropTransform(image.quad, image.side))
+    with Image.open(io.BytesIO(image.encoded)) as opened:
+        full_width = opened.width
+        quad_side = float(np.linalg.norm(image.quad[1] - image.quad[0]))
+        shrink = max(1.0, quad_side / image.side)  # a JPEG decodes at 1/2, 1/4, 1/8 size much faster
+        opened.draft("RGB", (math.ceil(opened.width / shrink), math.ceil(opened.height / shrink)))
+        pixels = np.asarray(opened.convert("RGB"))
+    scale = pixels.shape[1] / full_width
+    return warp_crop(pixels, CropTransform(image.quad * scale, image.side))
 
 
 class IdentityWorkerError(RuntimeError):
@@ -293,6 +311,11 @@ class IdentityMeter:
         """Whether measurements can be made (an embedder is chosen)."""
         return self.choice.name is not None
 
+    @property
+    def started(self) -> bool:
+        """Whether the worker process is running or starting."""
+        return self._worker is not None
+
     def start(self) -> None:
         """Start the worker process now (it loads the embedder), unless it is running or starting."""
         if self.available and self._worker is None:
@@ -300,7 +323,8 @@ class IdentityMeter:
 
     async def _spawn(self) -> asyncio.subprocess.Process:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", WORKER_COMMAND, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+            sys.executable, "-c", WORKER_COMMAND, str(Path(__file__).resolve().parent), stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE)
         assert process.stdin is not None and process.stdout is not None
         data = pickle.dumps(self.choice, protocol=pickle.HIGHEST_PROTOCOL)
         process.stdin.write(_LENGTH.pack(len(data)) + data)

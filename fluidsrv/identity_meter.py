@@ -25,7 +25,7 @@ from fluidsrv.settings import Settings
 
 log = logging.getLogger(__name__)
 
-FINAL_TIMEOUT_SECONDS = 30.0  # finalize waits at most this long for the final photo's reading
+FINAL_TIMEOUT_SECONDS = 10.0  # finalize waits at most this long for the final photo's reading
 
 
 @dataclass
@@ -40,7 +40,8 @@ class _SessionMeter:
 
 def reference_of(session: Session) -> tuple[Reference, int]:
     """The session's aligned upload face (the crop previews are laid over, with its five landmarks) and version."""
-    prepared = session.require_ready()
+    prepared = session.prepared
+    assert prepared is not None, "the session has no prepared face"
     alignment, crop = prepared.alignment, prepared.preview_crop
     points = alignment.to_crop_points(session.faces[prepared.face_index].landmarks5)
     points = np.asarray(points) * (crop.shape[0] / alignment.inner.size)  # [5, 2] in the crop's pixels
@@ -57,6 +58,7 @@ class IdentityMeters:
         self._publish = publish
         self._sessions: dict[str, _SessionMeter] = {}
         self._warned = False
+        self._background: asyncio.Future[None] | None = None  # the last final measurement left to run alone
 
     def offer(self, session: Session, values: dict[str, float], frame: bytes) -> None:
         """Measure ``frame`` (a preview of ``values``, encoded) soon, unless a newer one is offered first."""
@@ -99,9 +101,17 @@ class IdentityMeters:
         return IdentityReading(distance, choice.threshold, choice.name, source, values, version)
 
     async def measure_final(self, session: Session) -> None:
-        """Measure the finalized photo's face (waits at most FINAL_TIMEOUT_SECONDS) and publish the reading."""
+        """Measure the finalized photo's face and publish the reading.
+
+        When the worker runs (an editor was opened), this waits for the reading (at most FINAL_TIMEOUT_SECONDS), so
+        the finalize answer carries it; else the worker is started and the reading follows in the background.
+        """
         prepared = session.prepared
         if not self.meter.available or prepared is None or session.result is None:
+            return
+        if not self.meter.started:
+            self.meter.start()
+            self._background = asyncio.ensure_future(self.measure_final(session))
             return
         reference, version = reference_of(session)
         side = reference.image.shape[0]
@@ -146,4 +156,6 @@ class IdentityMeters:
             slot.pending = None
             if slot.task is not None:
                 slot.task.cancel()
+        if self._background is not None:
+            self._background.cancel()
         await self.meter.close()

@@ -49,7 +49,7 @@ def meter_distance(page: Any) -> float:
     return float(page.get_attribute(METER, "data-distance"))
 
 
-def wait_distance(page: Any, test: str, value: float, timeout_ms: int = 30_000) -> float:
+def wait_distance(page: Any, test: str, value: float, timeout_ms: int = 120_000) -> float:
     """Wait until the meter's distance is ``test`` ("above" / "below") ``value``; return it."""
     page.wait_for_function(
         """([selector, above, value]) => {

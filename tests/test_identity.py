@@ -18,10 +18,21 @@ from starlette.testclient import TestClient
 
 from fluidsrv import dlib_faces
 from fluidsrv.geometry import align_face
-from fluidsrv.identity import EmbedderChoice, IdentityMeter, PhotoCrop, Reference, choose_embedder
+from fluidsrv.identity import (
+    ARCFACE_PATTERNS,
+    ArcFaceEmbedder,
+    EmbedderChoice,
+    IdentityMeter,
+    Measurer,
+    PhotoCrop,
+    Reference,
+    choose_embedder,
+    decode_face,
+    find_arcface_model,
+)
 from fluidsrv.image_io import decode_image
 from fluidsrv.runtime import Runtime
-from fluidsrv.settings import Settings, SettingsError
+from fluidsrv.settings import Settings, SettingsError, default_cache_dir
 from fluidsrv.web import create_app
 from tests.server_support import SMALL_PHOTO, receive_until, small_settings
 
@@ -37,7 +48,7 @@ def encoded(image: np.ndarray, image_format: str = "WEBP") -> bytes:
 def aligned_reference(shared_dir: Path, name: str) -> tuple[np.ndarray, Any, Reference]:
     """A photo, the alignment of its largest face and that face as a meter reference at SIDE pixels."""
     photo = np.ascontiguousarray(decode_image((shared_dir / "photos" / name).read_bytes()).pixels[::3, ::3])
-    alignment = align_face(photo, dlib_faces.landmarks(photo, dlib_faces.detect(photo)[0]), size=SIDE)
+    alignment = align_face(photo, dlib_faces.landmarks(photo, dlib_faces.detect(photo, upsample=0)[0]), size=SIDE)
     return photo, alignment, Reference(name, alignment.inner_image, np.zeros((5, 2)))
 
 
@@ -77,6 +88,24 @@ def test_the_worker_tells_people_apart_in_previews_and_finalized_photos(shared_d
     same, other, smaller, final = asyncio.run(measure())
     assert same < 0.1 and smaller < 0.25 and final < 0.1
     assert other > dlib_faces.SAME_PERSON_DISTANCE
+
+
+def test_arcface_tells_people_apart_when_the_user_has_its_model(shared_dir: Path) -> None:
+    model = find_arcface_model(default_cache_dir())
+    if model is None:
+        pytest.skip(f"no ArcFace ONNX model ({', '.join(ARCFACE_PATTERNS)}) in {default_cache_dir()}")
+    embedder = ArcFaceEmbedder(model)
+    measurer = Measurer(embedder)
+    faces = {}
+    for name in ("paul_rudd.jpg", "kate_siegel.jpg"):
+        photo, alignment, _ = aligned_reference(shared_dir, name)
+        points = alignment.to_crop_points(dlib_faces.landmarks(photo, dlib_faces.detect(photo, upsample=0)[0]))
+        five = np.stack([points[36:42].mean(0), points[42:48].mean(0), points[30], points[48], points[54]])
+        faces[name] = Reference(name, alignment.inner_image, five)
+    paul, kate = faces["paul_rudd.jpg"], faces["kate_siegel.jpg"]
+    assert measurer.distance(paul, paul.image) < 1e-6
+    assert measurer.distance(paul, decode_face(encoded(paul.image))) < embedder.threshold
+    assert measurer.distance(paul, kate.image) > embedder.threshold
 
 
 def test_an_unavailable_meter_refuses_to_measure() -> None:
