@@ -89,9 +89,11 @@ class PresetNet(nn.Module):
         nn.init.zeros_(self.to_residual.bias)
 
     def residual(self, face: torch.Tensor) -> torch.Tensor:
-        """The edit's change [N, 3, R, R] of faces [N, 3, R, R] (in [-1, 1] units)."""
-        side = self.config.resolution
-        assert face.shape[1:] == (3, side, side), f"expected [N, 3, {side}, {side}], got {tuple(face.shape)}"
+        """The edit's change [N, 3, R, R] of faces [N, 3, R, R] (in [-1, 1] units; R is ``config.resolution`` when
+        applied, a crop of it in training)."""
+        step = 2 ** (len(self.config.widths) - 1)  # fully convolutional: any side it can halve (training crops)
+        assert face.ndim == 4 and face.shape[1] == 3 and face.shape[2] % step == 0 and face.shape[3] % step == 0, (
+            f"expected [N, 3, H, W] with sides divisible by {step}, got {tuple(face.shape)}")
         x = F.leaky_relu(self.from_rgb(face), 0.2)  # [N, C0, R, R]
         skips = []
         for block, downsample in zip(self.down_blocks, self.downsamples, strict=True):
