@@ -30,6 +30,7 @@ from fluidsrv.identity import (
     decode_face,
     find_arcface_model,
 )
+from fluidsrv.identity_meter import IdentityMeters
 from fluidsrv.image_io import decode_image
 from fluidsrv.runtime import Runtime
 from fluidsrv.settings import Settings, SettingsError, default_cache_dir
@@ -69,6 +70,16 @@ def test_the_embedder_choice_follows_the_setting_and_what_is_installed(tmp_path:
         Settings(identity_meter="facenet")
     with pytest.raises(SettingsError, match="IDENTITY_RATE"):
         Settings(identity_rate=0)
+
+
+def test_without_dlib_models_the_meter_is_reported_unavailable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dlib_faces, "models_dir", lambda: tmp_path)  # face-recognition-models without its files
+    missing = choose_embedder("auto", tmp_path)
+    assert missing.name is None and "is missing" in missing.reason
+    meters = IdentityMeters(Settings(cache_dir=tmp_path, data_dir=tmp_path), lambda session_id, event: None)
+    assert not meters.meter.available
+    meters.warm()  # starts nothing
+    assert not meters.meter.started
 
 
 def test_the_worker_tells_people_apart_in_previews_and_finalized_photos(shared_dir: Path) -> None:
