@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
@@ -106,3 +107,24 @@ def test_an_edit_with_transfer_changes_the_face_by_the_renders_difference(
     edited = edit_photo(small_settings(tmp_path, photo_detail="transfer"), photo, 3.0)
     change = np.abs(edited.photo.astype(np.int16) - original).mean(axis=2)
     assert change.max() > 20 and (change > 8).mean() > 0.005  # the edit shows in the photo
+
+
+def test_an_edit_with_replace_changes_only_the_outer_crop_with_the_predicted_outer_head(
+    tmp_path: Path, photo: bytes, original: np.ndarray
+) -> None:
+    settings = small_settings(tmp_path, photo_detail="replace")
+    assert settings.outer_seg != "inner"  # the default moves the old head outside the inner crop with the edit
+    edited = edit_photo(settings, photo, 3.0)
+    assert edited.photo.shape == original.shape
+    change = np.abs(edited.photo.astype(np.int16) - original).max(axis=2)  # [H, W]
+
+    image = decode_image(photo).pixels
+    faces = Runtime.build(small_settings(tmp_path / "detect")).stage("detector").detect(image)
+    outer = align_face(image, face_landmarks(faces[0]), size=32).outer
+    side = outer.size
+    corners = outer.to_photo_points(np.array([[0, 0], [side, 0], [side, side], [0, side]], np.float64) - 0.5)
+    inside = np.zeros(change.shape, np.uint8)
+    cv2.fillPoly(inside, [np.round(corners).astype(np.int32)], 1)
+    inside = cv2.dilate(inside, np.ones((5, 5), np.uint8)).astype(bool)  # resampling reaches a pixel past the quad
+    assert change[inside].max() > 20  # the render replaced the face
+    assert change[~inside].max() <= 12  # ... and nothing outside the outer crop moved (JPEG re-encoding only)
