@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fluidsrv.stages import Direction
+from fluidsrv.stages import Direction, LatentWarp
 
 if TYPE_CHECKING:
     from fluidsrv.models.stylegan2 import Generator
@@ -314,7 +314,8 @@ def slider_basis(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> SliderBasis:
-    """Build the per-slider Δws of ``directions`` (masked, optionally orthogonalised in order, spread-scaled)."""
+    """Build the per-slider Δws of ``directions`` (masked, optionally orthogonalised in order, spread-scaled
+    unless a direction has a ``unit``)."""
     rows = torch.stack([direction_rows(d, num_ws, w_dim) for d in directions]) if directions else None
     if rows is None:
         deltas = torch.zeros(0, num_ws * w_dim, dtype=dtype, device=device)
@@ -323,7 +324,9 @@ def slider_basis(
     if orthogonalize:
         rows = orthogonalize_rows(rows)
     if spread is not None:
-        rows = rows * _spread_scales(rows, spread.double())[:, None, None]
+        scales = _spread_scales(rows, spread.double())  # [K]
+        in_units = torch.tensor([bool(d.unit) for d in directions])  # [K]: the vector already is Δw per unit
+        rows = rows * torch.where(in_units, torch.ones_like(scales), scales)[:, None, None]
     deltas = rows.reshape(len(directions), num_ws * w_dim).to(device=device, dtype=dtype)  # [K, num_ws·w_dim]
     return SliderBasis(tuple(d.name for d in directions), deltas, num_ws, w_dim)
 
@@ -399,6 +402,10 @@ def apply_sliders(
     the first keeps its full effect and later ones lose what they share with it. The result is linear in the
     values and exactly ``ws`` when all are 0. The per-direction work is cached by the identity of the
     ``Direction`` objects and of ``spread``: do not modify them in place.
+
+    Sliders whose direction has a ``warp`` are the exception (nonlinear, per face): each warp gets the mean w
+    over the layers of every face and its sliders' values, and its Δw is added on every layer; they take no
+    part in the orthogonalisation.
     """
     _check_ws(ws)
     unknown = [name for name in values if name not in directions]
@@ -410,6 +417,24 @@ def apply_sliders(
     numbers = [float(value) for value in values.values()]
     if not all(math.isfinite(value) for value in numbers):
         raise ValueError(f"slider values must be finite numbers, got {dict(values)}")
-    chosen = [directions[name] for name in values]
+    linear = {name: float(value) for name, value in values.items() if directions[name].warp is None}
+    edited = ws + _warped_delta(ws, directions, values) if len(linear) < len(values) else ws
+    if not linear:
+        return edited
+    chosen = [directions[name] for name in linear]
     basis = _basis_cache.get_or_build(chosen, ws.shape[1], ws.shape[2], spread, orthogonalize, ws.device, ws.dtype)
-    return ws + basis.delta(numbers)  # [N, num_ws, w_dim]
+    return edited + basis.delta(list(linear.values()))  # [N, num_ws, w_dim]
+
+
+def _warped_delta(ws: torch.Tensor, directions: Mapping[str, Direction], values: Mapping[str, float]) -> torch.Tensor:
+    """The summed Δws [N, 1, w_dim] of the warped sliders in ``values``, one call per warp with its own sliders."""
+    by_warp: dict[int, tuple[LatentWarp, dict[str, float]]] = {}
+    for name, value in values.items():
+        warp = directions[name].warp
+        if warp is not None:
+            by_warp.setdefault(id(warp), (warp, {}))[1][name] = float(value)
+    face = ws.mean(dim=1)  # [N, w_dim]
+    delta = torch.zeros_like(face)
+    for warp, amounts in by_warp.values():
+        delta = delta + warp.delta(face, amounts).to(delta)
+    return delta[:, None, :]  # [N, 1, w_dim]

@@ -50,6 +50,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "fluidsrv_plugins.directions_ganspace",
     "fluidsrv_plugins.directions_attributes",
     "fluidsrv_plugins.directions_named",
+    "fluidsrv_plugins.directions_flow",
     "fluidsrv_plugins.directions_files",
     "fluidsrv_plugins.directions_clip",
     "fluidsrv_plugins.score_classifier",

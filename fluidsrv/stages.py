@@ -74,9 +74,23 @@ class Latents:
     ws: torch.Tensor
 
 
+class LatentWarp(Protocol):
+    """A nonlinear slider edit whose Δw depends on the face (e.g. a conditional flow's; see ``Direction.warp``)."""
+
+    def delta(self, w: torch.Tensor, amounts: Mapping[str, float]) -> torch.Tensor:
+        """Δw [N, w_dim] of faces ``w`` [N, w_dim] when this warp's sliders are set to ``amounts`` (name -> value)."""
+        ...
+
+
 @dataclass(frozen=True)
 class Direction:
-    """A named edit direction in W / W+ with the metadata a slider needs."""
+    """A named edit direction in W / W+ with the metadata a slider needs.
+
+    With a ``unit`` the slider value is measured in that attribute unit ("years") and ``vector`` is the Δw of one
+    unit (never rescaled by the spread of w); without, a value is in standard deviations of w along the vector.
+    A ``warp`` makes the slider nonlinear and per face: :func:`fluidsrv.latents.apply_sliders` asks it for the Δw
+    of the face at hand, and ``vector`` is its linear stand-in (e.g. for a previewer learning the edits).
+    """
 
     name: str  # unique id within its source, e.g. "sefa:0-3:2"
     label: str  # what a person sees on the slider
@@ -85,10 +99,12 @@ class Direction:
     slider_range: tuple[float, float] = (-3.0, 3.0)
     group: str = ""  # UI group, e.g. "Attributes", "SeFa", "GANSpace"
     provenance: str = ""  # how it was made (source, file, parameters)
+    unit: str = ""  # the attribute unit of a slider value ("years", "degrees"); "" = standard deviations of w
+    warp: LatentWarp | None = field(default=None, compare=False, repr=False)  # per-face nonlinear edit (not saved)
 
     def describe(self) -> dict[str, Any]:
         """The JSON form of everything but the vector (the one mapping: API, session spill and direction files)."""
-        return {
+        facts: dict[str, Any] = {
             "name": self.name,
             "label": self.label,
             "group": self.group,
@@ -97,6 +113,9 @@ class Direction:
             "layers": list(self.layers) if self.layers else None,
             "provenance": self.provenance,
         }
+        if self.unit:
+            facts["unit"] = self.unit
+        return facts
 
     @classmethod
     def from_description(cls, facts: Mapping[str, Any], vector: torch.Tensor) -> Direction:
@@ -110,6 +129,7 @@ class Direction:
             slider_range=(float(facts["min"]), float(facts["max"])),
             group=str(facts.get("group", "")),
             provenance=str(facts.get("provenance", "")),
+            unit=str(facts.get("unit", "")),
         )
 
 

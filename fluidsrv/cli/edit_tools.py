@@ -76,14 +76,16 @@ def register(subparsers: Any) -> None:
     )
     compute.add_argument(
         "--source",
-        choices=("attributes", "named"),
+        choices=("attributes", "named", "flow"),
         default="attributes",
         help="attributes: age/gender boundaries and cluster means (default); named: the named sliders (Age, Smile, "
-        "Head turn, ...) with measured layer and slider ranges",
+        "Head turn, ...) with measured layer and slider ranges; flow: a conditional normalizing flow whose sliders "
+        "read in attribute units (years, degrees)",
     )
-    compute.add_argument("--out", type=Path, help="write the named sliders here instead of the cache")
+    compute.add_argument("--out", type=Path, help="write the named sliders (or the flow) here instead of the cache")
     compute.add_argument("--scorer", default="classifier", help="scorer plugin (default classifier)")
-    compute.add_argument("--samples", type=int, default=2_000, help="faces to render and score (default 2000)")
+    compute.add_argument("--samples", type=int, help="faces to render and score (default 2000; flow: 5000)")
+    compute.add_argument("--steps", type=int, default=1_500, help="flow training steps (default 1500)")
     compute.add_argument("--batch", type=int, default=16, help="render batch size (default 16)")
     compute.add_argument("--fraction", type=float, default=0.3, help="top/bottom share per class (default 0.3)")
     compute.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
@@ -325,12 +327,16 @@ def run_directions_compute(args: argparse.Namespace) -> int:
     from fluidsrv.attribute_directions import compute_attribute_directions
     from fluidsrv.direction_files import attribute_cache_path
 
-    if args.samples < 10 or not 0 < args.fraction <= 0.5:
-        raise CliError("--samples must be >= 10 and --fraction in (0, 0.5]")
+    if args.samples is None:
+        args.samples = 5_000 if args.source == "flow" else 2_000
+    if args.samples < 10 or not 0 < args.fraction <= 0.5 or args.steps < 1:
+        raise CliError("--samples must be >= 10, --fraction in (0, 0.5] and --steps >= 1")
     generator = load_cli_generator(args.generator, args.device)
     context = _plugin_context(args, {})
     if args.source == "named":
         return compute_named(args, generator, context)
+    if args.source == "flow":
+        return compute_flow(args, generator, context)
     scorer = create_plugin("fluidsrv_scorers", args.scorer, context)
     job = compute_attribute_directions(
         generator, scorer, args.scorer, context.cache_dir,
@@ -374,5 +380,22 @@ def compute_named(args: argparse.Namespace, generator: Generator, context: Any) 
     for direction in directions:
         low, high = direction.slider_range
         print(f"{direction.label:18} [{low:g}, {high:g}]  {direction.provenance}")
+    print(f"written to {out}")
+    return 0
+
+
+def compute_flow(args: argparse.Namespace, generator: Generator, context: Any) -> int:
+    """Train the attribute flow of the generator with the classifier and geometry scorers; write it."""
+    from fluidsrv.models.flow import read_sliders, save_flow
+    from fluidsrv.training.flow import FlowFitConfig, fit_flow
+
+    scorers = [create_plugin("fluidsrv_scorers", name, context) for name in ("classifier", "geometry")]
+    fit = FlowFitConfig(samples=args.samples, seed=args.seed, truncation=args.truncation, steps=args.steps)
+    flow, regressor, metadata = drain(fit_flow(generator, scorers, fit))
+    out = args.out or create_plugin("fluidsrv_directions", "flow", context).cache_path(generator)
+    save_flow(out, flow, regressor, metadata)
+    for slider in read_sliders(metadata):
+        print(f"{slider.name:18} [{slider.minimum:g}, {slider.maximum:g}] {slider.unit:28} "
+              f"{slider.gain:.2f} measured per unit of condition change")
     print(f"written to {out}")
     return 0
