@@ -27,6 +27,7 @@ from fluidsrv.convert import PREVIEW_FORMAT, encode_preview, image_to_tensor, te
 from fluidsrv.geometry import align_face, face_landmarks, warp_crop
 from fluidsrv.image_io import ImageMetadata, encode_image
 from fluidsrv.models.stylegan2 import Generator
+from fluidsrv.outer_seg import DEFAULT_PREDICTOR, landmark_motion, predictor
 from fluidsrv.perceptual import ImageDistance
 from fluidsrv.precision import inference_autocast, prepare_for_inference
 from fluidsrv.session.model import Prepared
@@ -72,6 +73,7 @@ class StageBundle:
     finetune_seconds: float = 0.0  # the fine-tune's own time budget (FLUIDSRV_PREPARE_SECONDS); 0: unbounded
     finetune_distance: Callable[[], ImageDistance] | None = None  # the fine-tune's perceptual distance (built once)
     inference_precision: str = "auto"  # on CUDA: "auto" / "bf16" / "fp16" autocast + channels-last, or "fp32"
+    outer_seg: str = DEFAULT_PREDICTOR  # "replace": the new head outside the inner crop (fluidsrv.outer_seg)
 
 
 @dataclass(frozen=True)
@@ -246,8 +248,14 @@ def render_final(stages: StageBundle, generator: Generator, prepared: Prepared,
             reconstructed = tensor_to_image(generator.synthesis(prepared.ws).float())
         return FinalRenders(edited, reconstructed, None)
     alignment = prepared.alignment
+    outer_head = predictor(stages.outer_seg)
+    motion = None
+    if outer_head.uses_motion:  # the landmarks' motion between the unedited and the edited render
+        with torch.inference_mode(), inference_autocast(stages.device, precision):
+            unedited = tensor_to_image(generator.synthesis(prepared.ws).float())
+        motion = landmark_motion(unedited, edited)
     composed = compose_outer(alignment.outer_image, edited, alignment.inner_offset, stages.segmenter,
-                             stages.inpainter)
+                             stages.inpainter, predictor=outer_head, motion=motion)
     return FinalRenders(edited, None, composed)
 
 

@@ -325,7 +325,7 @@ class Runtime:
             device=self.device, finetune=settings.finetune, finetune_steps=settings.finetune_steps,
             finetune_seconds=settings.prepare_seconds, finetune_distance=self.finetune_distance,
             inference_precision=settings.inference_precision,
-            photo_detail=settings.photo_detail, slider_edits=self.slider_edits())
+            photo_detail=settings.photo_detail, outer_seg=settings.outer_seg, slider_edits=self.slider_edits())
 
     def slider_edits(self) -> torch.Tensor:
         """Every shared slider's Δws at full strength [K, num_ws, w_dim] (what a learning previewer trains on)."""

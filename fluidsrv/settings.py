@@ -62,6 +62,9 @@ class Settings:
     # previews and finalize: "transfer" lays the render's change over the photo's own pixels
     # (photo + edited − reconstructed, see fluidsrv.compose); "replace" shows the render as it is
     photo_detail: str = "transfer"
+    # "replace" mode: how the new head is predicted outside the inner crop (fluidsrv.outer_seg): "inner" (the inner
+    # parse alone: old hair there is inpainted), "affine" or "tps" (the old outer map moved by the landmarks' motion)
+    outer_seg: str = "affine"
     # per-plugin options, keyed "stage.name", e.g. {"encoder.project": {"steps": 200}}; JSON in the env
     plugin_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     plugin_allow: tuple[str, ...] | None = None  # entry-point plugin names allowed; None = all
@@ -97,10 +100,17 @@ class Settings:
     s3_region: str = "us-east-1"
     s3_access_key: str = ""  # empty: boto3's own credential chain (AWS_ACCESS_KEY_ID, ...)
     s3_secret_key: str = ""
+    # the live identity meter (how far the edit drifted from the person): "auto" (an ArcFace ONNX model in the
+    # cache, else dlib's descriptor), "dlib", "arcface" or "off"; measured at most identity_rate times a second
+    identity_meter: str = "auto"
+    identity_model: Path | None = None  # an ArcFace ONNX model file; None: looked for in cache_dir
+    identity_rate: float = 2.0
 
     def __post_init__(self) -> None:
         choices = {"finetune": ("lowrank", "full", "none"), "photo_detail": ("transfer", "replace"),
-                   "inference_precision": ("auto", "bf16", "fp16", "fp32"), "backend": ("local", "ray")}
+                   "outer_seg": ("inner", "affine", "tps"),
+                   "inference_precision": ("auto", "bf16", "fp16", "fp32"), "backend": ("local", "ray"),
+                   "identity_meter": ("auto", "dlib", "arcface", "off")}
         for name, allowed in choices.items():
             value = getattr(self, name)
             if value not in allowed:
@@ -117,6 +127,8 @@ class Settings:
         if self.backend == "ray" and self.ray_address and not self.database_url:
             raise SettingsError("on a Ray cluster sessions live in PostgreSQL and S3, so that every node sees them: "
                                 "set FLUIDSRV_DATABASE_URL and FLUIDSRV_S3_ENDPOINT / FLUIDSRV_S3_BUCKET")
+        if not self.identity_rate > 0:
+            raise SettingsError(f"FLUIDSRV_IDENTITY_RATE must be above 0, not {self.identity_rate!r}")
         if not 0.0 < self.long_job_share < 1.0:
             raise SettingsError(f"FLUIDSRV_LONG_JOB_SHARE must be between 0 and 1, not {self.long_job_share!r}")
 
