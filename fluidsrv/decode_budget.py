@@ -12,12 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import math
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from PIL import Image
 
+from fluidsrv.errors import UserError
 from fluidsrv.image_io import SUPPORTED_FORMATS
 
 
@@ -114,3 +117,20 @@ class ClientPixelBudget:
         while len(self._buckets) > self.max_clients:
             self._buckets.popitem(last=False)
         return wait
+
+
+@contextlib.asynccontextmanager
+async def decode_share(budget: PixelBudget, per_client: ClientPixelBudget, data: bytes, client: str | None,
+                       max_pixels: int) -> AsyncIterator[None]:
+    """Hold the pixels ``data`` declares in ``budget`` for the block, first charging them to ``client`` (an address;
+    None: not charged): a 429 ``decode_budget`` when it had too many decoded this minute. An image declaring more
+    than ``max_pixels`` costs nothing (the decoder refuses it from its header)."""
+    declared = probe_pixels(data)
+    pixels = declared if declared <= max_pixels else 0
+    if client is not None:
+        wait = per_client.take(client, pixels, time.monotonic())
+        if wait > 0:
+            raise UserError(f"this address has had too many pixels decoded this minute; try again in "
+                            f"{math.ceil(wait)} s", status=429, code="decode_budget")
+    async with budget.reserve(pixels):
+        yield

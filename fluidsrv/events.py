@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from fluidsrv.identity import IdentityReading
 from fluidsrv.session.model import JobProgress, Session
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,15 @@ class DeletedEvent:
     session_id: str
 
 
-Event = ProgressEvent | ReadyEvent | FailedEvent | FinalizedEvent | DeletedEvent
+@dataclass(frozen=True)
+class IdentityEvent:
+    """The identity meter measured a preview or the finalized photo of the session."""
+
+    session_id: str
+    reading: IdentityReading
+
+
+Event = ProgressEvent | ReadyEvent | FailedEvent | FinalizedEvent | DeletedEvent | IdentityEvent
 Subscriber = Callable[[Event], None]
 
 

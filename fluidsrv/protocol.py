@@ -16,7 +16,8 @@ Websocket ``/api/sessions/{id}/ws?token=...``:
   ``"queued": N`` while a prepare waits in line), ``{"type": "ready"}``, ``{"type": "saved", "seq": ...}``
   once a committed state is on disk, ``{"type": "sliders", "seq": ..., "values": ...}`` after undo/redo,
   ``{"type": "finalized", ...}``, ``{"type": "error", "code": ..., "message": ..., "seq": ...}``,
-  ``{"type": "pong"}``.
+  ``{"type": "pong"}``, ``{"type": "identity", "distance": ..., "threshold": ..., "same_person": ..., "embedder":
+  ..., "source": "preview" | "final", "values": ...}`` (the identity meter's reading of a slider state).
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Literal, NoReturn
 
+from fluidsrv import wire_responses as responses  # noqa: F401 (the answers' shapes; the web reads them from here)
 from fluidsrv.errors import UserError
+from fluidsrv.wire_fields import Boolean, Choice, Either, Integer, IntegerPair, ListOf, MapOf, Number, Shape, Text
 
 MAX_SEQ = 2**31 - 1
 MAX_SLIDERS = 256
@@ -40,6 +43,12 @@ FRAME_MAGIC = b"FS"
 FRAME_KINDS = {"preview": 1, "progress": 2}
 FRAME_FORMATS = {"webp": 1, "jpeg": 2}
 _FRAME_HEADER = struct.Struct(">2sBBI")
+FRAME_HEADER_BYTES = _FRAME_HEADER.size
+
+SEQ = Integer(0, MAX_SEQ, description="the client's counter: the answers and the preview frame of this state carry it")
+SLIDER_NAME = Text(MAX_SLIDER_NAME, min_chars=1)
+SLIDER_VALUES = MapOf(SLIDER_NAME, Number(-SLIDER_LIMIT, SLIDER_LIMIT), MAX_SLIDERS,
+                      description="the whole slider state: slider name → value")
 
 
 class ApiError(UserError):
@@ -154,22 +163,6 @@ def echo(value: Any) -> str:
     return text if len(text) <= MAX_ECHO_CHARS else text[: MAX_ECHO_CHARS - 1] + "…"
 
 
-def _text(raw: Any, max_chars: int) -> str | None:
-    """Return ``raw`` if it is a string of at most ``max_chars`` characters without lone surrogates, else None."""
-    if isinstance(raw, str) and len(raw) <= max_chars and not _SURROGATE.search(raw):
-        return raw
-    return None
-
-
-def _number(raw: Any, limit: float) -> float | None:
-    """Return ``raw`` as a float if it is an int or finite float within ±``limit`` (a finite bound), else None."""
-    if isinstance(raw, bool) or not isinstance(raw, int | float):
-        return None
-    if isinstance(raw, float) and not math.isfinite(raw):
-        return None
-    return float(raw) if abs(raw) <= limit else None
-
-
 @dataclass(frozen=True)
 class SliderMessage:
     """A slider state sent over the websocket: the newest ``seq`` wins."""
@@ -231,10 +224,10 @@ def parse_slider_values(raw: Any) -> dict[str, float]:
         raise bad_request(f"at most {MAX_SLIDERS} sliders per message", "malformed_message")
     values: dict[str, float] = {}
     for name, value in raw.items():
-        if not _text(name, MAX_SLIDER_NAME):
+        if SLIDER_VALUES.key.check(name) is None:
             raise bad_request(f"slider names must be non-empty strings of at most {MAX_SLIDER_NAME} characters",
                               "bad_slider")
-        number = _number(value, SLIDER_LIMIT)
+        number = SLIDER_VALUES.value.check(value)
         if number is None:
             raise bad_request(f"slider {echo(name)} must be a finite number within ±{SLIDER_LIMIT:g}", "bad_slider")
         values[name] = number
@@ -242,15 +235,30 @@ def parse_slider_values(raw: Any) -> dict[str, float]:
 
 
 def _parse_seq(raw: Any) -> int:
-    if isinstance(raw, bool) or not isinstance(raw, int) or not 0 <= raw <= MAX_SEQ:
+    seq = SEQ.check(raw)
+    if seq is None:
         raise bad_request(f'"seq" must be an integer in [0, {MAX_SEQ}]', "malformed_message")
-    return raw
+    return seq
 
 
 def _parse_bool(raw: Any, field_name: str) -> bool:
     if not isinstance(raw, bool):
         raise bad_request(f'"{field_name}" must be true or false', "malformed_message")
     return raw
+
+
+SLIDERS_MESSAGE = Shape({"type": Choice(("sliders",), default="sliders"), "seq": SEQ, "values": SLIDER_VALUES,
+                         "commit": Boolean(False, "record this state in the undo history (a slider was released)")},
+                        required=("seq", "values"), title="sliders")
+HISTORY_MESSAGE = Shape({"type": Choice(("undo", "redo")), "seq": SEQ}, required=("type", "seq"), title="history")
+PING_MESSAGE = Shape({"type": Choice(("ping",))}, required=("type",), title="ping")
+CLIENT_MESSAGES = {"sliders": SLIDERS_MESSAGE, "history": HISTORY_MESSAGE, "ping": PING_MESSAGE}
+"""The client's websocket messages, as :func:`parse_client_message` reads them (described in the AsyncAPI document)."""
+
+FACE_INDEX = Integer(0, description="the face's index in the session's faces (numbered left to right)")
+FACE_CHOICE = Shape({"index": FACE_INDEX}, required=("index",), title="FaceChoice")
+STAGE_NAME = Text(MAX_NAME_CHARS)
+STAGE_SWITCH = Shape({"stage": STAGE_NAME, "name": STAGE_NAME}, required=("stage", "name"), title="StageSwitch")
 
 
 def parse_face_choice(data: Any, face_count: int) -> int:
@@ -260,8 +268,21 @@ def parse_face_choice(data: Any, face_count: int) -> int:
     index = data.get("index")
     if isinstance(index, bool) or not isinstance(index, int):
         raise bad_request('"index" must be an integer')
-    if not 0 <= index < face_count:
+    if not FACE_INDEX.low <= index < face_count:
         raise ApiError(422, "bad_face_index", f"face index {echo(index)} is out of range (found {face_count} faces)")
+    return index
+
+
+FACE_QUERY = Integer(0, 999_999, description="edit only this face (numbered left to right); absent: every face")
+
+
+def parse_face_query(raw: str | None) -> int | None:
+    """Return the face index of a ``?face=N`` query parameter (None when absent: every face)."""
+    if raw is None or raw == "":
+        return None
+    index = FACE_QUERY.check(int(raw)) if raw.isascii() and raw.isdigit() and len(raw) <= MAX_INT_DIGITS else None
+    if index is None:  # (isdigit alone passes "²", which int() refuses)
+        raise bad_request(f'"face" must be a face index (0, 1, ...), got {echo(raw)}', "bad_face_index")
     return index
 
 
@@ -269,7 +290,7 @@ def parse_stage_switch(data: Any) -> tuple[str, str]:
     """Return (stage, plugin name) of a ``{"stage": ..., "name": ...}`` request body."""
     if not isinstance(data, dict):
         raise bad_request('body must be a JSON object like {"stage": "detector", "name": "dlib"}')
-    stage, name = _text(data.get("stage"), MAX_NAME_CHARS), _text(data.get("name"), MAX_NAME_CHARS)
+    stage, name = STAGE_NAME.check(data.get("stage")), STAGE_NAME.check(data.get("name"))
     if stage is None or name is None:
         raise bad_request(f'"stage" and "name" must be strings of at most {MAX_NAME_CHARS} characters')
     return stage, name
@@ -377,6 +398,39 @@ class LoopRequest:
     format: str = "mp4"
 
 
+LAYER_PRESET = Text(MAX_NAME_CHARS, description='a preset of the generator: "coarse", "middle" or "fine"')
+LAYER_RANGE = IntegerPair(0, MAX_LAYER_INDEX, description="[start, stop): 0 <= start < stop <= the generator's num_ws")
+LAYERS = Either((LAYER_PRESET, LAYER_RANGE), description="a ws layer range")
+OPTIONAL_LAYERS = Either((LAYER_PRESET, LAYER_RANGE), nullable=True, description="a ws layer range (null: all)")
+SEFA_K = Integer(1, MAX_SEFA_VECTORS, default=5, description="how many directions (the top k)")
+PROMPT = Text(MAX_PROMPT_CHARS, pattern=r"\S", description="what to change (surrounding spaces are stripped)")
+FACE_ID = Text(MAX_ID_CHARS)
+FACE_REF = Shape({"session_id": FACE_ID, "token": FACE_ID}, required=("session_id", "token"), title="FaceRef",
+                 description="a prepared session and its token")
+MIX_FACES = ListOf(FACE_REF, 2, 2, description="[A, B]")
+MIX_PERCENT = Number(-200.0, 300.0, description="make A this many percent more like B (instead of mixing layers)")
+MIX_LAYERS = Either((LAYER_PRESET, LAYER_RANGE), default="coarse", description="the layers of A that take B's styles")
+MORPH_FACES = ListOf(FACE_REF, 2, MAX_MORPH_FACES)
+FRAMES_PER_TRANSITION = Integer(2, 120, default=24)
+MORPH_LOOP = Boolean(False, "morph back from the last face to the first")
+VIDEO_FORMAT = Choice(tuple(VIDEO_TYPES), default="mp4")
+LOOP_FRAMES = Integer(8, MAX_VIDEO_FRAMES, default=48)
+LOOP_AMPLITUDE = Number(0.0, 5.0, default=1.0)
+LOOP_SEED = Integer(0, 2**31 - 1, default=0)
+
+SEFA_BODY = Shape({"layers": LAYERS, "k": SEFA_K}, required=("layers",), title="SefaRequest")
+TEXT_BODY = Shape({"prompt": PROMPT, "layers": OPTIONAL_LAYERS}, required=("prompt",), title="TextRequest")
+MIX_BODY = Shape({"faces": MIX_FACES, "percent": MIX_PERCENT, "layers": MIX_LAYERS}, required=("faces",),
+                 title="MixRequest")
+MORPH_BODY = Shape({"faces": MORPH_FACES, "frames_per_transition": FRAMES_PER_TRANSITION, "loop": MORPH_LOOP,
+                    "format": VIDEO_FORMAT}, required=("faces",), title="MorphRequest")
+LOOP_BODY = Shape({"face": FACE_REF, "layers": OPTIONAL_LAYERS, "frames": LOOP_FRAMES, "amplitude": LOOP_AMPLITUDE,
+                   "seed": LOOP_SEED, "format": VIDEO_FORMAT}, required=("face",), title="LoopRequest")
+REQUEST_BODIES = {shape.title: shape for shape in (FACE_CHOICE, STAGE_SWITCH, SEFA_BODY, TEXT_BODY, MIX_BODY,
+                                                   MORPH_BODY, LOOP_BODY)}
+"""Every JSON request body of the REST API, by name, as its parser reads it (the OpenAPI document's schemas)."""
+
+
 def _object(data: Any) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise bad_request("the body must be a JSON object")
@@ -385,45 +439,38 @@ def _object(data: Any) -> dict[str, Any]:
 
 def parse_layer_spec(raw: Any) -> LayerSpec:
     """Parse ``[start, stop]`` or a preset name; the range is checked against num_ws by the service."""
-    preset = _text(raw, MAX_NAME_CHARS)
-    if preset is not None:
-        return preset
-    if (
-        isinstance(raw, list)
-        and len(raw) == 2
-        and all(isinstance(value, int) and not isinstance(value, bool) for value in raw)
-        and all(0 <= value <= MAX_LAYER_INDEX for value in raw)
-    ):
-        return raw[0], raw[1]
+    spec: LayerSpec | None = LAYERS.check(raw)
+    if spec is not None:
+        return spec
     raise bad_request('"layers" must be [start, stop] (0 <= start < stop <= the generator\'s num_ws), or a preset',
                       "bad_layers")
 
 
-def _bounded_int(data: dict[str, Any], key: str, default: int, low: int, high: int) -> int:
-    value = data.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise bad_request(f'"{key}" must be an integer in [{low}, {high}]')
+def _bounded_int(data: dict[str, Any], key: str, spec: Integer) -> int:
+    value = spec.check(data.get(key, spec.default))
+    if value is None:
+        raise bad_request(f'"{key}" must be an integer in [{spec.low}, {spec.high}]')
     return value
 
 
-def _bounded_float(data: dict[str, Any], key: str, default: float, low: float, high: float) -> float:
-    number = _number(data.get(key, default), max(abs(low), abs(high)))
-    if number is None or not low <= number <= high:
-        raise bad_request(f'"{key}" must be a number within [{low:g}, {high:g}]')
+def _bounded_float(data: dict[str, Any], key: str, spec: Number) -> float:
+    number = spec.check(data.get(key, spec.default))
+    if number is None:
+        raise bad_request(f'"{key}" must be a number within [{spec.low:g}, {spec.high:g}]')
     return number
 
 
 def _video_type(data: dict[str, Any]) -> str:
-    kind = data.get("format", "mp4")
-    if not isinstance(kind, str) or kind not in VIDEO_TYPES:
-        raise bad_request(f'"format" must be one of {", ".join(VIDEO_TYPES)}')
+    kind = VIDEO_FORMAT.check(data.get("format", VIDEO_FORMAT.default))
+    if kind is None:
+        raise bad_request(f'"format" must be one of {", ".join(VIDEO_FORMAT.values)}')
     return kind
 
 
 def parse_face_ref(raw: Any) -> FaceRef:
     """Parse ``{"session_id": ..., "token": ...}``."""
-    session_id = _text(raw.get("session_id"), MAX_ID_CHARS) if isinstance(raw, dict) else None
-    token = _text(raw.get("token"), MAX_ID_CHARS) if isinstance(raw, dict) else None
+    session_id = FACE_ID.check(raw.get("session_id")) if isinstance(raw, dict) else None
+    token = FACE_ID.check(raw.get("token")) if isinstance(raw, dict) else None
     if session_id is None or token is None:
         raise bad_request('each face must be {"session_id": "...", "token": "..."}', "bad_face")
     return FaceRef(session_id, token)
@@ -432,13 +479,13 @@ def parse_face_ref(raw: Any) -> FaceRef:
 def parse_sefa_request(data: Any) -> SefaRequest:
     """Parse the body of ``POST .../directions/sefa``."""
     body = _object(data)
-    return SefaRequest(parse_layer_spec(body.get("layers")), _bounded_int(body, "k", 5, 1, MAX_SEFA_VECTORS))
+    return SefaRequest(parse_layer_spec(body.get("layers")), _bounded_int(body, "k", SEFA_K))
 
 
 def parse_text_request(data: Any) -> TextRequest:
     """Parse the body of ``POST .../directions/text``."""
     body = _object(data)
-    prompt = _text(body.get("prompt"), 4 * MAX_PROMPT_CHARS)
+    prompt = PROMPT.check(body.get("prompt"))
     if prompt is None or not 0 < len(prompt.strip()) <= MAX_PROMPT_CHARS:
         raise bad_request(f'"prompt" must be a non-empty string of at most {MAX_PROMPT_CHARS} characters')
     layers = body.get("layers")
@@ -449,23 +496,23 @@ def parse_mix_request(data: Any) -> MixRequest:
     """Parse the body of ``POST /api/tools/mix``."""
     body = _object(data)
     faces = body.get("faces")
-    if not isinstance(faces, list) or len(faces) != 2:
+    if not isinstance(faces, list) or not MIX_FACES.allows(len(faces)):
         raise bad_request('"faces" must list exactly two faces', "bad_face")
     pair = (parse_face_ref(faces[0]), parse_face_ref(faces[1]))
     if "percent" in body:
-        return MixRequest(pair, percent=_bounded_float(body, "percent", 50.0, -200.0, 300.0))
-    return MixRequest(pair, layers=parse_layer_spec(body.get("layers", "coarse")))
+        return MixRequest(pair, percent=_bounded_float(body, "percent", MIX_PERCENT))
+    return MixRequest(pair, layers=parse_layer_spec(body.get("layers", MIX_LAYERS.default)))
 
 
 def parse_morph_request(data: Any) -> MorphRequest:
     """Parse the body of ``POST /api/tools/morph``."""
     body = _object(data)
     faces = body.get("faces")
-    if not isinstance(faces, list) or not 2 <= len(faces) <= MAX_MORPH_FACES:
+    if not isinstance(faces, list) or not MORPH_FACES.allows(len(faces)):
         raise bad_request(f'"faces" must list 2 to {MAX_MORPH_FACES} faces', "bad_face")
-    per_transition = _bounded_int(body, "frames_per_transition", 24, 2, 120)
-    loop = body.get("loop", False)
-    if not isinstance(loop, bool):
+    per_transition = _bounded_int(body, "frames_per_transition", FRAMES_PER_TRANSITION)
+    loop = MORPH_LOOP.check(body.get("loop", MORPH_LOOP.default))
+    if loop is None:
         raise bad_request('"loop" must be true or false')
     kind = _video_type(body)
     return MorphRequest(tuple(parse_face_ref(face) for face in faces), per_transition, loop, kind)
@@ -479,8 +526,8 @@ def parse_loop_request(data: Any) -> LoopRequest:
     return LoopRequest(
         face=face,
         layers=None if layers is None else parse_layer_spec(layers),
-        frames=_bounded_int(body, "frames", 48, 8, MAX_VIDEO_FRAMES),
-        amplitude=_bounded_float(body, "amplitude", 1.0, 0.0, 5.0),
-        seed=_bounded_int(body, "seed", 0, 0, 2**31 - 1),
+        frames=_bounded_int(body, "frames", LOOP_FRAMES),
+        amplitude=_bounded_float(body, "amplitude", LOOP_AMPLITUDE),
+        seed=_bounded_int(body, "seed", LOOP_SEED),
         format=_video_type(body),
     )

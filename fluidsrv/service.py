@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import math
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Mapping
@@ -34,22 +33,25 @@ from fluidsrv.backends.local import LocalStages
 from fluidsrv.backends.stages import StageBackend
 from fluidsrv.backends.storage import StorageUnavailableError
 from fluidsrv.convert import PREVIEW_FORMAT, encode_preview
-from fluidsrv.decode_budget import ClientPixelBudget, PixelBudget, probe_pixels
+from fluidsrv.decode_budget import ClientPixelBudget, PixelBudget, decode_share
 from fluidsrv.errors import UserError
 from fluidsrv.events import (
     DeletedEvent,
     Event,
     FailedEvent,
     FinalizedEvent,
+    IdentityEvent,
     ProgressEvent,
     ReadyEvent,
     Subscriber,
     Subscriptions,
 )
 from fluidsrv.executor import SUPERSEDED, ExecutorError, GpuExecutor, Priority
+from fluidsrv.identity_meter import IdentityMeters
 from fluidsrv.image_io import encode_image, face_thumbnail
 from fluidsrv.latent_tools import LatentTools
 from fluidsrv.plugins import PluginError, PluginInfo
+from fluidsrv.preset_tools import PresetTools
 from fluidsrv.runtime import Runtime
 from fluidsrv.session.model import JobProgress, Session, Status, Upload
 from fluidsrv.session.store import SessionError, SessionStore, StoreStats, TooManySessionsError
@@ -66,6 +68,7 @@ __all__ = [
     "Face",
     "FailedEvent",
     "FinalizedEvent",
+    "IdentityEvent",
     "PluginInfo",
     "ProgressEvent",
     "ReadyEvent",
@@ -86,7 +89,7 @@ def _user_message(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
-class EditService(SessionDirections, LatentTools):
+class EditService(SessionDirections, LatentTools, PresetTools):
     """The use cases of the product over one runtime, one session store and one device executor."""
 
     def __init__(self, runtime: Runtime, store: SessionStore, executor: GpuExecutor,
@@ -106,6 +109,7 @@ class EditService(SessionDirections, LatentTools):
         self._decoding = PixelBudget(self.settings.decode_pixel_budget)
         self._client_pixels = ClientPixelBudget(self.settings.client_pixels_per_minute)
         self._background: set[asyncio.Task[Any]] = set()
+        self.identity = IdentityMeters(self.settings, self._publish)  # measured off the preview path
         self._expiry: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -143,6 +147,7 @@ class EditService(SessionDirections, LatentTools):
             timer.cancel()
         for job in list(self._jobs.values()):
             job.cancel()
+        await self.identity.close()
         await self.stages.close()
         await self.executor.shutdown()
         await asyncio.to_thread(self.store.close)
@@ -222,14 +227,7 @@ class EditService(SessionDirections, LatentTools):
         minute, and at most ``decode_pixel_budget`` pixels are decoded at once server-wide (the rest wait).
         """
         settings = self.settings
-        declared = probe_pixels(data)
-        pixels = declared if declared <= settings.max_pixels else 0  # refused from its header: costs nothing
-        if client is not None:
-            wait = self._client_pixels.take(client, pixels, time.monotonic())
-            if wait > 0:
-                raise UserError(f"this address has had too many pixels decoded this minute; try again in "
-                                f"{math.ceil(wait)} s", status=429, code="decode_budget")
-        async with self._decoding.reserve(pixels):  # held until the decode has let go of the pixels
+        async with self.decoding_share(data, client):  # held until the decode has let go of the pixels
             decoded, faces = await self.stages.detect(data, max_pixels=settings.max_pixels,
                                                       max_bytes=settings.max_upload_bytes)
         if not faces:
@@ -240,6 +238,10 @@ class EditService(SessionDirections, LatentTools):
         session, token = await asyncio.to_thread(self._create_room_for, upload)
         await asyncio.to_thread(self.store.persist, session)
         return session, token
+
+    def decoding_share(self, data: bytes, client: str | None) -> contextlib.AbstractAsyncContextManager[None]:
+        """Hold the pixels of ``data`` in the server's decode budget for the block, charged to ``client``."""
+        return decode_share(self._decoding, self._client_pixels, data, client, self.settings.max_pixels)
 
     def _create_room_for(self, upload: Upload) -> tuple[Session, str]:
         """Create a session; when the server is full, first delete the oldest abandoned upload (no face picked)."""
@@ -306,6 +308,7 @@ class EditService(SessionDirections, LatentTools):
         self._forget_abandon_timer(session_id)
         self.runtime.tuned.forget(session_id)
         self._preview_origins.pop(session_id, None)
+        self.identity.forget(session_id)
 
     async def face_thumbnails(self, session: Session) -> list[bytes]:
         """JPEG thumbnails of the session's faces, in face order."""
@@ -490,7 +493,9 @@ class EditService(SessionDirections, LatentTools):
         self._refuse_if_busy(session)
         task = asyncio.create_task(self._finalize(session))
         self._jobs[session.id] = task
-        return await task
+        result = await task
+        await self.identity.measure_final(session)  # the finalize answer reports the kept photo's identity
+        return result
 
     async def _finalize(self, session: Session) -> bytes:
         prepared = session.require_ready()

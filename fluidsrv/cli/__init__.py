@@ -18,6 +18,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "fluidsrv.cli.project",
     "fluidsrv.cli.edit",
     "fluidsrv.cli.edit_tools",
+    "fluidsrv.cli.preset",
 )
 """Modules that add a subcommand; each defines ``register(subparsers) -> None``."""
 

@@ -13,18 +13,19 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp
 
 from fluidsrv import __version__
 from fluidsrv.errors import UserError
-from fluidsrv.protocol import ApiError, parse_face_choice, parse_stage_switch
+from fluidsrv.protocol import ApiError, parse_face_choice, parse_stage_switch, responses
 from fluidsrv.service import EditService, Status
 from fluidsrv.settings import REPO_ROOT, Settings
-from fluidsrv.web import tools
+from fluidsrv.web import openapi, presets, tools
 from fluidsrv.web.headers import SecurityHeaders
 from fluidsrv.web.paths import hide_paths, path_labels
 from fluidsrv.web.requests import (
@@ -62,17 +63,7 @@ async def config(request: Request) -> JSONResponse:
         "features": {"sefa": True, "text": text_reason is None, "text_reason": text_reason, "tools": True},
         "finetune": settings.finetune,
         "photo_detail": settings.photo_detail,
-        "limits": {
-            "max_upload_bytes": settings.max_upload_bytes,
-            "max_pixels": settings.max_pixels,
-            "max_sessions": settings.max_sessions,
-            "max_ws_message_bytes": settings.max_ws_message_bytes,
-            "max_ws_messages_per_second": settings.max_ws_messages_per_second,
-            "max_sockets_per_session": settings.max_sockets_per_session,
-            "max_concurrent_prepares": settings.max_concurrent_prepares,
-            "prepare_grace_seconds": settings.prepare_grace_seconds,
-            "client_pixels_per_minute": settings.client_pixels_per_minute,
-        },
+        "limits": {name: getattr(settings, name) for name in responses.CONFIG_LIMITS},
     }
     return JSONResponse(hide_paths(body, request.app.state.path_labels))
 
@@ -119,7 +110,7 @@ async def get_session(request: Request) -> JSONResponse:
     session = await open_session(request)
     thumbnails = await service_of(request).face_thumbnails(session) if request.query_params.get(
         "thumbnails") == "1" else None
-    return JSONResponse(session_view(session, thumbnails))
+    return JSONResponse({**session_view(session, thumbnails), "identity": service_of(request).identity.report(session)})
 
 
 async def delete_session(request: Request) -> Response:
@@ -158,8 +149,9 @@ async def finalize(request: Request) -> JSONResponse:
     session = await open_session(request)
     if session.status != Status.READY:
         raise ApiError(409, "not_ready", "pick a face and wait until it is ready before finalizing")
-    await service_of(request).finalize(session)
-    return JSONResponse(session_view(session))
+    service = service_of(request)
+    await service.finalize(session)
+    return JSONResponse({**session_view(session), "identity": service.identity.report(session)})
 
 
 async def result(request: Request) -> Response:
@@ -177,6 +169,18 @@ async def _user_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, UserError)
     # e.g. a plugin that cannot be switched to says which of the server's files it misses
     return JSONResponse(hide_paths(exc.as_dict(), request.app.state.path_labels), status_code=exc.status)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own refusals (no such route or file, wrong method): the error envelope under /api/, else text."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code in (204, 304):
+        return Response(status_code=exc.status_code, headers=exc.headers)
+    if not request.url.path.startswith("/api/"):
+        return PlainTextResponse(exc.detail, status_code=exc.status_code, headers=exc.headers)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
+    body = {"error": {"code": code, "message": f"{exc.detail}: {request.method} {request.url.path[:200]}"}}
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
 
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -229,10 +233,13 @@ def create_app(settings: Settings | None = None, runtime: Any = None, stages: An
         Route(f"{session}/result", result),
         WebSocketRoute(f"{session}/ws", session_socket),
         *tools.ROUTES,
+        *presets.ROUTES,
+        *openapi.ROUTES,
         Mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static"),
     ]
     handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
         UserError: _user_error,
+        HTTPException: _http_error,
         Exception: _internal_error,
     }
     app = _App(routes=routes, lifespan=lifespan, exception_handlers=handlers)

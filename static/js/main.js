@@ -3,8 +3,10 @@
 import { Api, ApiError } from "./api.js";
 import { Action, explain } from "./errors.js";
 import { renderFaces } from "./faces.js";
+import { IdentityMeter } from "./identity.js";
 import { LiveEditor } from "./live.js";
 import { hasTextDirections, setUpPromptPanel, setUpSefaPanel } from "./panels.js";
+import { setUpPresets } from "./presets.js";
 import { PreviewPainter, paintProgressFrame } from "./preview.js";
 import { ProgressView } from "./progress.js";
 import { SliderPanel } from "./sliders.js";
@@ -26,6 +28,7 @@ const app = {
   filename: null,
   photoUrl: null,
   resultUrl: null,
+  resultBack: "editor", // where the result view's back button goes: the editor, or the faces after a preset
   socket: null,
   live: null,
   view: "upload",
@@ -37,6 +40,7 @@ const app = {
 
 const painter = new PreviewPainter($("preview"), $("preview-caption"));
 const progressView = new ProgressView($("progress-steps"), $("progress-message"));
+const identity = new IdentityMeter($("identity"));
 const sliders = new SliderPanel($("slider-panel"), {
   onInput: (values) => app.live?.input(values),
   onCommit: (values) => app.live?.commit(values),
@@ -252,6 +256,9 @@ function onSocketMessage(message) {
     case "error":
       onSocketError(message);
       break;
+    case "identity":
+      identity.show(message);
+      break;
     default:
       break;
   }
@@ -260,6 +267,7 @@ function onSocketMessage(message) {
 function onSessionState(message) {
   const { type, ...session } = message;
   app.session = { ...app.session, ...session };
+  if (session.identity) identity.setReport(session.identity);
   const status = app.session.status;
   if (status === "ready" && app.view === "progress") enterEditor();
   else if (["failed", "interrupted", "cancelled"].includes(status) && app.view === "progress") {
@@ -292,6 +300,7 @@ function enterEditor() {
   sliders.setValues(session.sliders ?? {});
   if (!app.live) {
     painter.clear();
+    identity.clear();
     app.live = new LiveEditor(app.socket, painter);
     app.live.addEventListener("values", (event) => sliders.setValues(event.detail));
     app.live.addEventListener("history", (event) => {
@@ -321,8 +330,9 @@ async function finalize() {
   try {
     app.live.flush();
     await app.live.whenSettled(FLUSH_BEFORE_FINALIZE_MS); // the server holds the newest slider state
-    await api.finalize(app.session.session_id, app.token);
+    const finalized = await api.finalize(app.session.session_id, app.token);
     showResult(await api.resultBlob(app.session.session_id, app.token));
+    showFinalIdentity(finalized.identity?.final);
     setEditorStatus("");
   } catch (error) {
     setEditorStatus("");
@@ -333,7 +343,23 @@ async function finalize() {
   }
 }
 
-function showResult(blob) {
+function showFinalIdentity(reading) {
+  $("result-identity").hidden = !reading;
+  if (reading) {
+    const verdict = reading.same_person ? "still the same person" : "past the same-person threshold";
+    $("result-identity").textContent = `Identity drift ${reading.distance.toFixed(2)} (threshold ${reading.threshold}): ${verdict}.`;
+  }
+}
+
+/** Show a preset's result; "Back" returns to the photo's faces (nothing was prepared). */
+function showPresetResult(blob, preset) {
+  showResult(blob, { suffix: preset.name, back: "faces" });
+  $("result-identity").hidden = true;
+}
+
+function showResult(blob, { suffix = "edited", back = "editor" } = {}) {
+  app.resultBack = back;
+  $("back-to-editor").textContent = back === "editor" ? "Keep editing" : "Back to the photo";
   if (app.resultUrl) URL.revokeObjectURL(app.resultUrl);
   app.resultUrl = URL.createObjectURL(blob);
   const image = $("result");
@@ -344,7 +370,7 @@ function showResult(blob) {
   image.src = app.resultUrl;
   const link = $("download");
   link.href = app.resultUrl;
-  link.download = `${(app.filename ?? "photo").replace(/\.[^.]*$/, "") || "photo"}-edited.jpg`;
+  link.download = `${(app.filename ?? "photo").replace(/\.[^.]*$/, "") || "photo"}-${suffix}.jpg`;
   showView("result");
 }
 
@@ -354,7 +380,7 @@ function wireEditor() {
   $("reset-all").addEventListener("click", () => sliders.resetAll());
   $("finalize").addEventListener("click", () => finalize());
   $("compare").addEventListener("click", () => setComparing($("compare").getAttribute("aria-pressed") !== "true"));
-  $("back-to-editor").addEventListener("click", () => showView("editor"));
+  $("back-to-editor").addEventListener("click", () => showView(app.resultBack ?? "editor"));
   $("progress-other-face").addEventListener("click", () => {
     closeSession(); // the server cancels the job when its last client leaves
     showFaces();
@@ -495,6 +521,11 @@ async function loadServerInfo() {
   if (hasTextDirections(app.config)) {
     setUpPromptPanel({ api, form: $("prompt-panel"), addSliders, report, currentSession });
   }
+  setUpPresets({
+    api, panel: $("preset-panel"), onResult: showPresetResult, onError: handleError,
+    report: (text) => { $("preset-status").textContent = text; },
+    photo: async () => ({ blob: await api.originalBlob(app.session.session_id, app.token), name: app.filename }),
+  });
   setUpTools({ api, report: (text) => { $("tools-status").textContent = text; } }).then((refresh) => {
     app.refreshTools = refresh;
     $("nav-tools").hidden = refresh === null;
