@@ -45,12 +45,10 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-import httpx
-import websockets
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from benchmarks import live_server  # noqa: E402
+from fluidsrv.client import ApiError, AsyncClient, AsyncSession, ConflictError, Event, Progress  # noqa: E402
 
 DEFAULT_PHOTO = REPO.parent / "shared" / "photos" / "deepface_img12.jpg"
 SCENARIOS = ("finalize", "clients")
@@ -86,66 +84,36 @@ def describe_checkout(root: Path) -> dict[str, Any]:
             "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}  # fmt: skip
 
 
-async def prepare_session(http: httpx.AsyncClient, host: str, photo: bytes) -> dict[str, Any]:
-    response = await http.post("/api/sessions", files={"file": ("photo.jpg", photo, "image/jpeg")})
-    response.raise_for_status()
-    created: dict[str, Any] = response.json()
-    headers = {"Authorization": f"Bearer {created['token']}"}
-    url = f"ws://{host}/api/sessions/{created['session_id']}/ws?token={created['token']}"
-    async with websockets.connect(url, max_size=None) as ws:
-        await ws.recv()  # state
-        (await http.post(f"/api/sessions/{created['session_id']}/face", json={"index": 0}, headers=headers)
-         ).raise_for_status()  # fmt: skip
-        while True:
-            message = await ws.recv()
-            if isinstance(message, str):
-                data = json.loads(message)
-                if data["type"] == "error":
-                    raise RuntimeError(data)
-                if data["type"] == "ready":
-                    break
-    return created
+async def prepare_session(client: AsyncClient, photo: bytes) -> AsyncSession:
+    """Upload the photo and prepare its face 0 (fluidsrv.client)."""
+    session = await client.create_session(photo, "photo.jpg")
+    await session.prepare(0)
+    return session
 
 
-async def drag(host: str, session: dict[str, Any], slider: str, messages: int,
+async def drag(session: AsyncSession, slider: str, messages: int,
                rate: float) -> tuple[list[float], int, int]:  # fmt: skip
     """Send ``messages`` slider states at ``rate``/s; return frame latencies (s), the frame count and how many
     identity readings came meanwhile."""
-    url = f"ws://{host}/api/sessions/{session['session_id']}/ws?token={session['token']}"
-    sent: dict[int, float] = {}
-    latencies: list[float] = []
     readings = 0
-    async with websockets.connect(url, max_size=None) as ws:
-        await ws.recv()  # state
 
-        async def receive() -> None:
-            nonlocal readings
-            while True:
-                message = await ws.recv()
-                if isinstance(message, str):
-                    readings += '"type": "identity"' in message
-                elif message[2] == 1:
-                    seq = int.from_bytes(message[4:8], "big")
-                    latencies.append(time.perf_counter() - sent[seq])
-                    if seq == messages - 1:
-                        return
+    def count_readings(message: object) -> None:
+        nonlocal readings
+        readings += isinstance(message, Event) and message.type == "identity"
 
-        receiver = asyncio.create_task(receive())
-        for seq in range(messages):
-            value = 3.0 * ((seq % 40) / 20.0 - 1.0)
-            sent[seq] = time.perf_counter()
-            await ws.send(json.dumps({"seq": seq, "values": {slider: value}}))
-            await asyncio.sleep(1.0 / rate)
-        await asyncio.wait_for(receiver, timeout=600)
+    states = [{slider: 3.0 * ((seq % 40) / 20.0 - 1.0)} for seq in range(messages)]
+    async with session.connect() as live:
+        latencies = [frame.latency async for frame in live.sliders(states, rate=rate, on_event=count_readings)
+                     if frame.latency is not None]  # fmt: skip
     return latencies, len(latencies), readings
 
 
-async def drag_all(host: str, sessions: list[dict[str, Any]], clients: int, slider: str,
+async def drag_all(sessions: list[AsyncSession], clients: int, slider: str,
                    args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
     """``clients`` concurrent drags spread over ``sessions``: the pooled latencies, frames and wall time."""
     started = time.perf_counter()
     results = await asyncio.gather(
-        *(drag(host, sessions[i % len(sessions)], slider, args.messages, args.rate) for i in range(clients))
+        *(drag(sessions[i % len(sessions)], slider, args.messages, args.rate) for i in range(clients))
     )
     return {"latencies": [value for result in results for value in result[0]],
             "frames": sum(result[1] for result in results), "seconds": time.perf_counter() - started,
@@ -153,38 +121,34 @@ async def drag_all(host: str, sessions: list[dict[str, Any]], clients: int, slid
             "window": (started, time.perf_counter())}  # fmt: skip
 
 
-async def drag_while_finalizing(http: httpx.AsyncClient, host: str, sessions: list[dict[str, Any]],
-                                finalizer: dict[str, Any], slider: str, args: argparse.Namespace) -> dict[str, Any]:
+async def drag_while_finalizing(sessions: list[AsyncSession], finalizer: AsyncSession, slider: str,
+                                args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
     """Every session drags while ``finalizer`` finalizes back to back; the drag starts once a finalize runs."""
-    sid, headers = finalizer["session_id"], {"Authorization": f"Bearer {finalizer['token']}"}
-    url = f"ws://{host}/api/sessions/{sid}/ws?token={finalizer['token']}"
     stop, running = asyncio.Event(), asyncio.Event()
     intervals: list[tuple[float, float]] = []
     refused: list[int] = []
-    async with websockets.connect(url, max_size=None) as ws:
-        await ws.recv()  # state
 
-        async def watch() -> None:
-            async for message in ws:
-                if isinstance(message, str) and json.loads(message).get("stage") == "finalize":
-                    running.set()
+    def on_progress(progress: Progress) -> None:
+        if progress.stage == "finalize":
+            running.set()
 
-        async def finalize_loop() -> None:
-            while not stop.is_set():
-                began = time.perf_counter()
-                response = await http.post(f"/api/sessions/{sid}/finalize", headers=headers)
-                if response.status_code == 409:  # still busy with the last one: try again at once
-                    refused.append(response.status_code)
-                    await asyncio.sleep(0.01)
-                    continue
-                response.raise_for_status()
-                intervals.append((began, time.perf_counter()))
+    async def finalize_loop() -> None:
+        while not stop.is_set():
+            began = time.perf_counter()
+            try:
+                await finalizer.finalize()
+            except ConflictError as error:  # still busy with the last one: try again at once
+                refused.append(error.status)
+                await asyncio.sleep(0.01)
+                continue
+            intervals.append((began, time.perf_counter()))
 
-        watcher = asyncio.create_task(watch())
+    async with finalizer.connect() as live:
+        watcher = asyncio.create_task(live.follow_progress(on_progress))
         finalizing = asyncio.create_task(finalize_loop())
         try:
             await asyncio.wait_for(running.wait(), timeout=300)
-            row = await drag_all(host, sessions, len(sessions), slider, args)
+            row = await drag_all(sessions, len(sessions), slider, args)
             stop.set()
             await finalizing
         finally:
@@ -203,50 +167,43 @@ class Tree:
 
     def __init__(self, label: str, root: Path, url: str, meter: str = "") -> None:
         self.label, self.root, self.url, self.meter = label, root, url, meter
-        self.host = url.removeprefix("http://")
         self.checkout = describe_checkout(root)
-        self.sessions: list[dict[str, Any]] = []
-        self.finalizer: dict[str, Any] = {}
+        self.client: AsyncClient | None = None  # open while measure() runs (it is bound to that event loop)
+        self.sessions: list[AsyncSession] = []
+        self.finalizer: AsyncSession | None = None
         self.slider = ""
         self.config: dict[str, Any] = {}
         self.prepare_s = 0.0
         self.raw: dict[str, list[dict[str, Any]]] = {}
 
     async def prepare(self, args: argparse.Namespace, photo: bytes) -> None:
-        async with httpx.AsyncClient(base_url=self.url, timeout=600) as http:
-            self.config = (await http.get("/api/config")).json()
-            self.slider = (await http.get("/api/directions")).json()["directions"][0]["name"]
-            began = time.perf_counter()
-            self.sessions = [await prepare_session(http, self.host, photo) for _ in range(args.sessions)]
-            self.finalizer = await prepare_session(http, self.host, photo)
-            self.prepare_s = (time.perf_counter() - began) / (args.sessions + 1)
-            await self._set_finalizer_slider()
-
-    async def _set_finalizer_slider(self) -> None:
-        """Give the finalizing session a committed edit, so every finalize renders a real one."""
-        session = self.finalizer
-        async with websockets.connect(f"ws://{self.host}/api/sessions/{session['session_id']}/ws"
-                                      f"?token={session['token']}", max_size=None) as ws:  # fmt: skip
-            await ws.recv()
-            await ws.send(json.dumps({"seq": 1, "values": {self.slider: 2.0}, "commit": True}))
-            while not (isinstance(message := await ws.recv(), bytes) and message[2] == 1):
-                pass
+        self.client = client = AsyncClient(self.url, timeout=600)
+        self.config = await client.config()
+        self.slider = (await client.directions())[0].name
+        began = time.perf_counter()
+        self.sessions = [await prepare_session(client, photo) for _ in range(args.sessions)]
+        self.finalizer = finalizer = await prepare_session(client, photo)
+        self.prepare_s = (time.perf_counter() - began) / (args.sessions + 1)
+        async with finalizer.connect() as live:  # a committed edit, so every finalize renders a real one
+            await live.preview({self.slider: 2.0}, commit=True)
 
     async def run_round(self, args: argparse.Namespace) -> None:
-        async with httpx.AsyncClient(base_url=self.url, timeout=600) as http:
-            if "finalize" in args.scenarios:
-                row = await drag_while_finalizing(http, self.host, self.sessions, self.finalizer, self.slider, args)
-                self.raw.setdefault(f"{args.sessions} dragging + finalize", []).append(row)
-            if "clients" in args.scenarios:
-                for clients in args.clients:
-                    row = await drag_all(self.host, self.sessions, clients, self.slider, args)
-                    row.pop("window")
-                    self.raw.setdefault(f"{clients} client{'' if clients == 1 else 's'}", []).append(row)
+        assert self.finalizer is not None, "prepare() first"
+        if "finalize" in args.scenarios:
+            row = await drag_while_finalizing(self.sessions, self.finalizer, self.slider, args)
+            self.raw.setdefault(f"{args.sessions} dragging + finalize", []).append(row)
+        if "clients" in args.scenarios:
+            for clients in args.clients:
+                row = await drag_all(self.sessions, clients, self.slider, args)
+                row.pop("window")
+                self.raw.setdefault(f"{clients} client{'' if clients == 1 else 's'}", []).append(row)
 
     async def executor_stats(self) -> dict[str, Any]:
-        async with httpx.AsyncClient(base_url=self.url, timeout=60) as http:
-            response = await http.get("/api/stats", headers={"Authorization": f"Bearer {BENCH_ADMIN_TOKEN}"})
-            return dict(response.json().get("executor", {})) if response.status_code == 200 else {}
+        async with AsyncClient(self.url, admin_token=BENCH_ADMIN_TOKEN, timeout=60) as client:
+            try:
+                return dict((await client.stats()).get("executor", {}))
+            except ApiError:
+                return {}
 
     def report(self) -> dict[str, Any]:
         rows = []
@@ -361,15 +318,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 async def measure(args: argparse.Namespace, trees: list[Tree]) -> None:
     photo = Path(args.photo).read_bytes()
-    for tree in trees:
-        await tree.prepare(args, photo)
-        print(f"{tree.label}: {args.sessions + 1} sessions prepared, {tree.prepare_s:.1f} s each", file=sys.stderr)
-    for round_index in range(args.rounds):
+    try:
         for tree in trees:
-            began = time.perf_counter()
-            await tree.run_round(args)
-            print(f"round {round_index + 1}/{args.rounds} {tree.label}: {time.perf_counter() - began:.1f} s",
+            await tree.prepare(args, photo)
+            print(f"{tree.label}: {args.sessions + 1} sessions prepared, {tree.prepare_s:.1f} s each",
                   file=sys.stderr)
+        for round_index in range(args.rounds):
+            for tree in trees:
+                began = time.perf_counter()
+                await tree.run_round(args)
+                print(f"round {round_index + 1}/{args.rounds} {tree.label}: {time.perf_counter() - began:.1f} s",
+                      file=sys.stderr)
+    finally:
+        for tree in trees:
+            if tree.client is not None:
+                await tree.client.aclose()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -56,11 +56,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import websockets
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from benchmarks.preview_latency import drag, percentile, prepare_session  # noqa: E402
+from fluidsrv.client import AsyncClient, AsyncSession  # noqa: E402
 from fluidsrv.settings import Settings  # noqa: E402
 from tests.real_servers import S3Server, running_postgres, running_s3  # noqa: E402
 from tests.server_support import ADMIN, SMALL_PHOTO, free_port, small_settings  # noqa: E402
@@ -233,7 +233,8 @@ class Backend:
     def __init__(self, server: Server) -> None:
         self.server = server
         self.label = server.label
-        self.sessions: list[dict[str, Any]] = []
+        self.client = AsyncClient(server.url, timeout=600)  # opened on the loop of the measurements
+        self.sessions: list[AsyncSession] = []
         self.slider = ""
         self.prepare: dict[str, list[float]] = {}  # mode → [faces, seconds] summed over rounds
         self.first_preview_ms: list[float] = []
@@ -243,16 +244,14 @@ class Backend:
 
     async def prepare_faces(self, photo: bytes, count: int, concurrent: bool) -> None:
         """Prepare ``count`` more faces, back to back or all at once; remember their wall time."""
-        async with httpx.AsyncClient(base_url=self.server.url, timeout=600) as http:
-            if not self.slider:
-                self.slider = (await http.get("/api/directions")).json()["directions"][0]["name"]
-            began = time.perf_counter()
-            if concurrent:
-                made = list(await asyncio.gather(*(prepare_session(http, self.server.host, photo)
-                                                   for _ in range(count))))
-            else:
-                made = [await prepare_session(http, self.server.host, photo) for _ in range(count)]
-            seconds = time.perf_counter() - began
+        if not self.slider:
+            self.slider = (await self.client.directions())[0].name
+        began = time.perf_counter()
+        if concurrent:
+            made = list(await asyncio.gather(*(prepare_session(self.client, photo) for _ in range(count))))
+        else:
+            made = [await prepare_session(self.client, photo) for _ in range(count)]
+        seconds = time.perf_counter() - began
         self.sessions += made
         totals = self.prepare.setdefault("concurrent" if concurrent else "back_to_back", [0.0, 0.0])
         totals[0] += count
@@ -261,13 +260,13 @@ class Backend:
     async def warm_up(self) -> None:
         """Show one preview of every session not yet previewed (its first frame: the model load, on ray)."""
         for session in self.sessions[len(self.first_preview_ms):]:
-            latencies, _ = await drag(self.server.host, session, self.slider, 1, 1000.0)
+            latencies, _, _ = await drag(session, self.slider, 1, 1000.0)
             self.first_preview_ms.append(1000 * latencies[0])
 
     async def drag_round(self, clients: int, messages: int, rate: float) -> None:
         """``clients`` sessions drag a slider at once; remember the pooled latencies."""
         began = time.perf_counter()
-        results = await asyncio.gather(*(drag(self.server.host, session, self.slider, messages, rate)
+        results = await asyncio.gather(*(drag(session, self.slider, messages, rate)
                                          for session in self.sessions[:clients]))
         self.drags.setdefault(clients, []).append(([value for result in results for value in result[0]],
                                                    sum(result[1] for result in results),
@@ -276,11 +275,8 @@ class Backend:
     async def commit_edits(self) -> None:
         """Commit one slider state on every session, so that storage holds an edit record of each."""
         for session in self.sessions:
-            url = f"ws://{self.server.host}/api/sessions/{session['session_id']}/ws?token={session['token']}"
-            async with websockets.connect(url, max_size=None) as ws:
-                await ws.recv()  # state
-                await ws.send(json.dumps({"seq": 1, "values": {self.slider: 1.5}, "commit": True}))
-                while not (isinstance(message := await ws.recv(), bytes) and message[2] == 1):
+            async with session.connect() as live:
+                async for _ in live.sliders([{self.slider: 1.5}], commit=True):
                     pass
 
     async def read_stats(self) -> None:
@@ -462,6 +458,7 @@ async def measure(args: argparse.Namespace, backends: list[Backend]) -> None:
     for backend in backends:
         await backend.commit_edits()
         await backend.read_stats()
+        await backend.client.aclose()
 
 
 def overheads(reports: dict[str, dict[str, Any]]) -> dict[str, Any]:

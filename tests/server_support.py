@@ -40,6 +40,7 @@ def small_settings(data_dir: Path, **overrides: Any) -> Settings:
         "max_sessions": 8,
         "max_uploads_per_minute": 100_000,
         "admin_token": ADMIN_TOKEN,
+        "identity_meter": "off",  # its worker process costs CPU; the tests of the meter turn it on
     }
     values.update(overrides)
     return Settings(**values)
