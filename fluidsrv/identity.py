@@ -38,6 +38,7 @@ ARCFACE_TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 7
                              [41.5493, 92.3655], [70.7299, 92.2041]])  # insightface's 5 points in a 112² crop
 ARCFACE_SAME_PERSON = 0.65  # cosine distance (1 − cosine similarity 0.35), a usual ArcFace verification threshold
 WORKER_NICE = 19  # where SCHED_IDLE is missing, the worker's niceness instead
+MAX_FAILED_STARTS = 2  # then the meter reports itself unavailable instead of starting the worker again
 REFERENCES_KEPT = 128  # reference embeddings the worker keeps (least recently used dropped first)
 EMBEDDERS = ("auto", "dlib", "arcface", "off")
 # the worker imports only the modules it needs: a bare package module stands in for fluidsrv/__init__.py (which
@@ -305,11 +306,20 @@ class IdentityMeter:
         self.choice = choice
         self._worker: asyncio.Future[asyncio.subprocess.Process] | None = None
         self._turn: asyncio.Lock | None = None
+        self._failed_starts = 0
+        self._broken: str | None = None  # why the worker will not be started again
+        self._closed = False
+        self._process: asyncio.subprocess.Process | None = None  # the newest worker process, ready or not
 
     @property
     def available(self) -> bool:
-        """Whether measurements can be made (an embedder is chosen)."""
-        return self.choice.name is not None
+        """Whether measurements can be made (an embedder is chosen, and its worker has not failed to start)."""
+        return self.choice.name is not None and self._broken is None and not self._closed
+
+    @property
+    def unavailable_reason(self) -> str:
+        """Why no measurement can be made (when not :attr:`available`)."""
+        return self._broken or self.choice.reason or "the identity meter is closed"
 
     @property
     def started(self) -> bool:
@@ -322,9 +332,19 @@ class IdentityMeter:
             self._worker = asyncio.ensure_future(self._spawn())
 
     async def _spawn(self) -> asyncio.subprocess.Process:
+        try:
+            return await self._start_process()
+        except (OSError, EOFError, asyncio.IncompleteReadError, IdentityWorkerError) as error:
+            self._failed_starts += 1
+            if self._failed_starts >= MAX_FAILED_STARTS:  # e.g. a broken model file: never respawn on every offer
+                self._broken = f"the identity worker failed to start {self._failed_starts} times: {error!r}"
+            raise IdentityWorkerError(f"the identity worker did not start: {error!r}") from None
+
+    async def _start_process(self) -> asyncio.subprocess.Process:
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-c", WORKER_COMMAND, str(Path(__file__).resolve().parent), stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE)
+        self._process = process
         assert process.stdin is not None and process.stdout is not None
         data = pickle.dumps(self.choice, protocol=pickle.HIGHEST_PROTOCOL)
         process.stdin.write(_LENGTH.pack(len(data)) + data)
@@ -336,17 +356,23 @@ class IdentityMeter:
     async def distance(self, reference: Reference, image: bytes | PhotoCrop) -> float:
         """The distance of ``image`` (an encoded aligned crop, or a finalized photo's crop) to ``reference``."""
         if not self.available:
-            raise IdentityWorkerError(self.choice.reason)
-        self.start()
-        assert self._worker is not None
+            raise IdentityWorkerError(self.unavailable_reason)
         if self._turn is None:
             self._turn = asyncio.Lock()
-        async with self._turn:
-            # shielded: a caller cancelled mid-exchange must not leave its answer in the pipe for the next one
-            status, value = await asyncio.shield(self._exchange(self._worker, reference, image))
+        # shielded with the lock inside: a caller cancelled mid-exchange leaves the exchange (and the lock) to
+        # finish, so its answer is never read by the next caller
+        status, value = await asyncio.shield(self._exchange_in_turn(self._turn, reference, image))
         if status != "ok":
             raise IdentityWorkerError(str(value))
         return float(value)
+
+    async def _exchange_in_turn(self, turn: asyncio.Lock, reference: Reference,
+                                image: bytes | PhotoCrop) -> tuple[str, Any]:
+        async with turn:
+            self.start()  # after the wait: the worker may have died or been closed meanwhile
+            if self._worker is None:
+                raise IdentityWorkerError(self.unavailable_reason)
+            return await self._exchange(self._worker, reference, image)
 
     async def _exchange(self, worker: asyncio.Future[asyncio.subprocess.Process], reference: Reference,
                         image: bytes | PhotoCrop) -> tuple[str, Any]:
@@ -357,19 +383,20 @@ class IdentityMeter:
             process.stdin.write(_LENGTH.pack(len(data)) + data)
             await process.stdin.drain()
             return await _receive(process.stdout)
-        except (OSError, EOFError, asyncio.IncompleteReadError) as error:
+        except (OSError, EOFError, asyncio.IncompleteReadError, IdentityWorkerError) as error:
             if self._worker is worker:
                 self._worker = None  # it died (killed, out of memory): the next measurement starts a new one
             raise IdentityWorkerError(f"the identity worker stopped: {error!r}") from None
 
     async def close(self) -> None:
-        """Stop the worker process (it holds nothing to save: it is killed)."""
+        """Stop the worker process (it holds nothing to save: it is killed); no new one is started."""
+        self._closed = True
         worker, self._worker = self._worker, None
-        if worker is None:
-            return
-        try:
-            process = await worker
-        except Exception:
+        if worker is not None and not worker.done():
+            worker.cancel()  # still starting: never wait for its "ready"
+            await asyncio.gather(worker, return_exceptions=True)
+        process, self._process = self._process, None
+        if process is None or process.returncode is not None:
             return
         with contextlib.suppress(ProcessLookupError):
             process.kill()

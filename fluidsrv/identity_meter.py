@@ -135,8 +135,8 @@ class IdentityMeters:
         """The meter's state for the session: available (or why not), the threshold and the newest readings of
         the current prepared face (``preview``: the last slider state measured, ``final``: the finalized photo)."""
         choice = self.meter.choice
-        if choice.name is None:
-            return {"available": False, "reason": choice.reason}
+        if not self.meter.available or choice.name is None:
+            return {"available": False, "reason": self.meter.unavailable_reason}
         slot = self._sessions.get(session.id)
         version = session.prepared.version if session.prepared is not None else -1
         readings = {source: reading.describe() for source, reading in (slot.readings if slot else {}).items()

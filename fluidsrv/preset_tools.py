@@ -26,6 +26,7 @@ from fluidsrv.runtime import Runtime
 from fluidsrv.settings import Settings
 
 log = logging.getLogger(__name__)
+MAX_PRESET_FACES = 16  # faces one preset request edits at most (a crowd photo would hold the device long)
 
 
 class PresetLibrary:
@@ -48,7 +49,10 @@ class PresetLibrary:
         return listed
 
     def _read(self, path: Path) -> presets.PresetFacts | None:
-        stamp = path.stat().st_mtime
+        try:
+            stamp = path.stat().st_mtime
+        except OSError:  # removed since the folder was listed
+            return None
         with self._lock:
             cached = self._facts.get(path)
         if cached is not None and cached[0] == stamp:
@@ -73,12 +77,20 @@ class PresetLibrary:
 
     def load(self, path: Path, device: torch.device) -> presets.Preset:
         """Device: the preset of ``path`` on ``device``, loaded once per version of its file."""
-        stamp = path.stat().st_mtime
+        try:
+            stamp = path.stat().st_mtime
+        except OSError as error:  # removed since it was listed
+            raise presets.PresetError(f"its file cannot be read: {error}") from None
         with self._lock:
             cached = self._loaded.get(path)
         if cached is not None and cached[0] == stamp and cached[1] == str(device):
             return cached[2]
-        preset = presets.load_preset(path, device)
+        try:
+            preset = presets.load_preset(path, device)
+        except presets.PresetError:
+            raise
+        except Exception as error:  # a torn or foreign file (safetensors' own errors)
+            raise presets.PresetError(f"its file is not a readable preset: {error}") from None
         with self._lock:
             self._loaded[path] = (stamp, str(device), preset)
         return preset
@@ -123,6 +135,9 @@ class PresetTools:
                 raise UserError(f"face index {face} is out of range (found {len(faces)} faces)", status=422,
                                 code="bad_face_index")
             chosen = presets.choose_faces(faces, face)
+            if len(chosen) > MAX_PRESET_FACES:
+                raise UserError(f"this photo has {len(chosen)} faces; a preset edits at most {MAX_PRESET_FACES} at "
+                                "once: choose one with ?face=N", status=422, code="too_many_faces")
             segmenter, device, pixels = self.runtime.stage("segmenter"), self.runtime.device, decoded.pixels
 
             def edit() -> list[presets.FaceEdit]:
@@ -134,7 +149,7 @@ class PresetTools:
                 raise UserError(str(error), status=503, code="out_of_memory") from None
             except presets.PresetError as error:
                 log.error("preset %s cannot be applied: %s", name, error)
-                raise UserError(f"the preset {name!r} is broken on this server: {error}", status=500,
+                raise UserError(f"the preset {name!r} is broken on this server: {error}", status=503,
                                 code="preset_broken") from None
             photo = await asyncio.to_thread(presets.lay_edits_into_photo, pixels, edits)
             return await asyncio.to_thread(pipeline.encode_result, photo, decoded.metadata)

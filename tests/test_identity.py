@@ -20,9 +20,11 @@ from fluidsrv import dlib_faces
 from fluidsrv.geometry import align_face
 from fluidsrv.identity import (
     ARCFACE_PATTERNS,
+    MAX_FAILED_STARTS,
     ArcFaceEmbedder,
     EmbedderChoice,
     IdentityMeter,
+    IdentityWorkerError,
     Measurer,
     PhotoCrop,
     Reference,
@@ -225,3 +227,40 @@ def test_a_meter_turned_off_sends_nothing_and_says_so(tmp_path: Path, runtime: R
                                     "reason": "the identity meter is turned off (FLUIDSRV_IDENTITY_METER=off)"}
         finalized = client.post(f"/api/sessions/{created['session_id']}/finalize", headers=headers).json()
         assert finalized["identity"]["available"] is False and finalized["result"]
+
+
+def test_a_cancelled_measurement_never_hands_its_answer_to_the_next(shared_dir: Path) -> None:
+    _, _, paul = aligned_reference(shared_dir, "paul_rudd.jpg")
+    _, _, kate = aligned_reference(shared_dir, "kate_siegel.jpg")
+    meter = IdentityMeter(choose_embedder("dlib", Path()))
+
+    async def measure() -> float:
+        await meter.distance(paul, encoded(paul.image))  # the worker is up
+        cancelled = asyncio.ensure_future(meter.distance(paul, encoded(paul.image)))  # the same person: ~0
+        await asyncio.sleep(0.01)
+        cancelled.cancel()
+        other = await meter.distance(paul, encoded(kate.image))
+        await meter.close()
+        return other
+
+    assert asyncio.run(measure()) > dlib_faces.SAME_PERSON_DISTANCE * 0.75  # Kate's distance, not Paul's answer
+
+
+def test_a_worker_that_cannot_start_is_given_up_after_two_tries(tmp_path: Path) -> None:
+    broken = tmp_path / "arcface.onnx"
+    broken.write_bytes(b"not a model")
+    meter = IdentityMeter(EmbedderChoice("arcface", 0.65, broken))
+    reference = Reference("s:1", np.zeros((SIDE, SIDE, 3), np.uint8), np.zeros((5, 2)))
+
+    async def measure() -> list[str]:
+        failures = []
+        for _ in range(MAX_FAILED_STARTS + 1):
+            with pytest.raises(IdentityWorkerError) as refused:
+                await meter.distance(reference, encoded(reference.image))
+            failures.append(str(refused.value))
+        await meter.close()
+        return failures
+
+    failures = asyncio.run(measure())
+    assert not meter.available and "failed to start 2 times" in meter.unavailable_reason
+    assert "failed to start" in failures[-1]  # answered at once, no third process

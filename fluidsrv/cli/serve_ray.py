@@ -24,7 +24,7 @@ from fluidsrv.backends.ray_replicas import (
     serve_options,
 )
 from fluidsrv.backends.ray_stages import PREVIEWS_PER_REPLICA, RayStages, StageHandles
-from fluidsrv.settings import Settings
+from fluidsrv.settings import Settings, SettingsError
 
 APP_NAME = "fluidsrv"
 
@@ -74,7 +74,11 @@ def build_application(settings: Settings, options: dict[str, dict[str, Any]] | N
 def replica_count(entry: dict[str, Any]) -> int:
     """The most replicas a deployment's entry runs (num_replicas, or autoscaling's max_replicas)."""
     autoscaling = entry.get("autoscaling_config") or {}
-    return max(1, int(autoscaling.get("max_replicas", entry.get("num_replicas", 1))))
+    replicas = autoscaling.get("max_replicas", entry.get("num_replicas", 1))
+    if not isinstance(replicas, int):  # e.g. Ray's num_replicas: "auto", whose bound the ingress cannot know
+        raise SettingsError(f"FLUIDSRV_RAY_CONFIG: give num_replicas as a number, or autoscaling_config with "
+                            f"max_replicas, not {replicas!r}")
+    return max(1, replicas)
 
 
 def prepare_capacity(entry: dict[str, Any]) -> int:
