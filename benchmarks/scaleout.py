@@ -395,6 +395,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--wplus-steps", type=int,
                         help="the project encoder's w+ steps (default: small_settings' own, 200); fewer make each "
                              "prepare shorter and leave previews as they are")
+    parser.add_argument("--device", default="cpu", help='both servers\' device: "cpu" (default) or "cuda"')
+    parser.add_argument("--ray-config", type=Path,
+                        help="the ray server's deployments file (FLUIDSRV_RAY_CONFIG), e.g. with preview num_gpus")
     parser.add_argument("--threads", type=int, default=1,
                         help="OMP_NUM_THREADS of both servers (default 1: what Ray gives each replica that reserves no "
                              "CPU, so the in-process server computes alike); 0 leaves torch's default (all cores)")
@@ -421,7 +424,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def backend_settings(label: str, args: argparse.Namespace, folder: Path, database_url: str, s3: S3Server | None,
                      bucket: str) -> Settings:
     """The settings of one backend's server: small_settings, the chosen generator, its own port and folder."""
-    common: dict[str, Any] = {"generator": args.generator, "port": free_port(),
+    common: dict[str, Any] = {"generator": args.generator, "port": free_port(), "device": args.device,
                               "max_sessions": max(64, 4 * args.sessions)}
     if args.wplus_steps is not None:  # fewer projection steps: a shorter prepare (previews do not change)
         options = {stage: dict(values) for stage, values in small_settings(folder).plugin_options.items()}
@@ -430,7 +433,8 @@ def backend_settings(label: str, args: argparse.Namespace, folder: Path, databas
     if label == "in-process":
         return small_settings(folder / "data", **common)
     assert s3 is not None
-    return small_settings(folder / "data", **common, backend="ray", database_url=database_url,
+    return small_settings(folder / "data", **common, backend="ray", ray_config=args.ray_config,
+                          database_url=database_url,
                           s3_endpoint=s3.endpoint, s3_bucket=bucket, s3_access_key=s3.access_key,
                           s3_secret_key=s3.secret_key)
 
