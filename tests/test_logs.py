@@ -79,16 +79,23 @@ def test_the_formatter_redacts_the_finished_line() -> None:
     assert stream.getvalue() == "WARNING at /p?token=…\n"
 
 
+class PathValues(dict[str, str]):
+    """A route's path parameters: the session's id, and a plain word for any other (e.g. a preset's name)."""
+
+    def __missing__(self, key: str) -> str:
+        return "older"
+
+
 def _requests(tmp_path: Path, session_id: str) -> tuple[list[tuple[str, str]], list[str]]:
     """(method, path) of every HTTP route of the app, DELETE last, and the websocket paths."""
     http: list[tuple[str, str]] = []
     sockets: list[str] = []
     for route in create_app(small_settings(tmp_path)).routes:
         if isinstance(route, Route):
-            path = route.path_format.format(session_id=session_id)
+            path = route.path_format.format_map(PathValues(session_id=session_id))
             http += [(method, path) for method in sorted(route.methods or ()) if method != "HEAD"]
         elif isinstance(route, WebSocketRoute):
-            sockets.append(route.path_format.format(session_id=session_id))
+            sockets.append(route.path_format.format_map(PathValues(session_id=session_id)))
         elif isinstance(route, Mount):
             http += [("GET", route.path + "/"), ("GET", route.path + "/no-such-file.js")]
     return sorted(http, key=lambda item: item[0] == "DELETE"), sockets
