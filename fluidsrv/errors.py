@@ -35,6 +35,16 @@ class UserError(Exception):
         return f"{type(self).__name__}(status={self.status}, code={self.code!r}, message={self.message!r})"
 
 
+class NoFaceError(UserError):
+    """An upload in which no face was found."""
+
+    status = 422
+    code = "no_face"
+
+    def __init__(self) -> None:
+        super().__init__("no face was found in this photo; try a photo where a face is clearly visible")
+
+
 def _rebuild(cls: type[UserError], message: str, status: int, code: str) -> UserError:
     """Recreate a pickled :class:`UserError` without calling its class's ``__init__``."""
     error = cls.__new__(cls)

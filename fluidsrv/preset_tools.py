@@ -20,7 +20,7 @@ import torch
 
 from fluidsrv import pipeline, presets
 from fluidsrv.backends.stages import StageBackend
-from fluidsrv.errors import UserError
+from fluidsrv.errors import NoFaceError, UserError
 from fluidsrv.executor import ExecutorError, GpuExecutor, Priority
 from fluidsrv.runtime import Runtime
 from fluidsrv.settings import Settings
@@ -129,8 +129,7 @@ class PresetTools:
             decoded, faces = await self.stages.detect(data, max_pixels=settings.max_pixels,
                                                       max_bytes=settings.max_upload_bytes)
             if not faces:
-                raise UserError("no face was found in this photo; try a photo where a face is clearly visible",
-                                status=422, code="no_face")
+                raise NoFaceError()
             if face is not None and not 0 <= face < len(faces):
                 raise UserError(f"face index {face} is out of range (found {len(faces)} faces)", status=422,
                                 code="bad_face_index")

@@ -34,7 +34,7 @@ from fluidsrv.backends.stages import StageBackend
 from fluidsrv.backends.storage import StorageUnavailableError
 from fluidsrv.convert import PREVIEW_FORMAT, encode_preview
 from fluidsrv.decode_budget import ClientPixelBudget, PixelBudget, decode_share
-from fluidsrv.errors import UserError
+from fluidsrv.errors import NoFaceError, UserError
 from fluidsrv.events import (
     DeletedEvent,
     Event,
@@ -231,8 +231,7 @@ class EditService(SessionDirections, LatentTools, PresetTools):
             decoded, faces = await self.stages.detect(data, max_pixels=settings.max_pixels,
                                                       max_bytes=settings.max_upload_bytes)
         if not faces:
-            raise UserError("no face was found in this photo; try a photo where a face is clearly visible",
-                            status=422, code="no_face")
+            raise NoFaceError()
         upload = Upload(data=bytes(data), pixels=decoded.pixels, metadata=decoded.metadata, filename=filename,
                         faces=faces)
         session, token = await asyncio.to_thread(self._create_room_for, upload)
