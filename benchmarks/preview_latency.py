@@ -41,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,16 @@ from fluidsrv.client import ApiError, AsyncClient, AsyncSession, ConflictError, 
 DEFAULT_PHOTO = REPO.parent / "shared" / "photos" / "deepface_img12.jpg"
 SCENARIOS = ("finalize", "clients")
 BENCH_ADMIN_TOKEN = "bench-admin"  # the benchmark servers' admin token (for /api/stats)
+
+
+def emit_report(report: dict[str, Any], json_path: Path | None, table: Callable[[dict[str, Any]], None]) -> None:
+    """Print the report as JSON (and write it to ``json_path``), then as a table."""
+    text = json.dumps(report, indent=2)
+    print(text)
+    if json_path:
+        json_path.write_text(text + "\n")
+    print()
+    table(report)
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -373,12 +384,7 @@ def main(argv: list[str] | None = None) -> None:
         after = report["trees"][0]
         report["ratios"] = [{"after": after["label"], "before": before["label"], "rows": ratios(after, before)}
                             for before in report["trees"][1:]]  # fmt: skip
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
-    print()
-    print_table(report)
+    emit_report(report, args.json, print_table)
     print(f"\n{report['seconds']} s in all")
 
 

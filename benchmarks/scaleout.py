@@ -59,7 +59,7 @@ import httpx
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from benchmarks.preview_latency import drag, percentile, prepare_session  # noqa: E402
+from benchmarks.preview_latency import drag, emit_report, percentile, prepare_session  # noqa: E402
 from fluidsrv.client import AsyncClient, AsyncSession  # noqa: E402
 from fluidsrv.settings import Settings  # noqa: E402
 from tests.real_servers import S3Server, running_postgres, running_s3  # noqa: E402
@@ -585,12 +585,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report = run(args)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
-    print()
-    print_table(report)
+    emit_report(report, args.json, print_table)
     return report
 
 
